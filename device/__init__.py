@@ -1,0 +1,1 @@
+"""edgedance device: the Pi app (audio → fixed-point features → TFLite → MQTT)."""

@@ -1,0 +1,251 @@
+"""The MQTT message schema (docs/protocol.md): topics, encoders, the one decoder.
+
+Device, robot, display and offload workers all speak through this module, so a
+message that passes `decode` is safe to act on: right version, right types,
+finite numbers, keypoints in [-1, 1].
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+
+from device.contract import N_KEYPOINTS
+
+SCHEMA_VERSION = 1
+TOPIC_ROOT = "edgedance/v1"
+KINDS = ("pose", "beat", "status", "metrics", "cmd", "features")
+STATES = ("online", "paused", "stopped", "offline")
+COMMANDS = ("start", "stop", "pause", "select_bundle", "latency")
+MAX_PAYLOAD = 64 * 1024
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+BINARY_MAGIC = 0xED
+BINARY_POSE = struct.Struct("<BBBBIdfffHHBBHh28h")  # 94 bytes, layout in docs/protocol.md
+assert BINARY_POSE.size == 94
+Q15 = 32767  # keypoints and heading as int16: value * 32767, |value| <= 1
+PHASE_Q16 = 65536  # phases as u16: phase * 2**16, wraps at 1.0
+
+
+class ProtocolError(ValueError):
+    """A message that must not be acted on; the text names the field."""
+
+
+def topic(device_id: str, kind: str) -> str:
+    if not DEVICE_ID_RE.match(device_id or ""):
+        raise ProtocolError(f"device id {device_id!r}: use 1-64 characters from A-Z a-z 0-9 _ -")
+    if kind not in KINDS:
+        raise ProtocolError(f"topic kind {kind!r}: must be one of {KINDS}")
+    return f"{TOPIC_ROOT}/{device_id}/{kind}"
+
+
+def parse_topic(t: str) -> tuple[str, str]:
+    """'edgedance/v1/<id>/<kind>' -> (id, kind)."""
+    parts = t.split("/")
+    if len(parts) != 4 or "/".join(parts[:2]) != TOPIC_ROOT or parts[3] not in KINDS:
+        raise ProtocolError(f"topic {t!r}: expected {TOPIC_ROOT}/<device_id>/<{'|'.join(KINDS)}>")
+    if not DEVICE_ID_RE.match(parts[2]):
+        raise ProtocolError(f"topic {t!r}: bad device id {parts[2]!r}")
+    return parts[2], parts[3]
+
+
+# --- encoding ---------------------------------------------------------------
+
+def encode_json(msg: dict) -> bytes:
+    """Validate and serialize one message dict (as documented) to compact JSON."""
+    validate(msg)
+    return json.dumps(msg, separators=(",", ":"), allow_nan=False).encode()
+
+
+def encode_binary(msg: dict) -> bytes:
+    """The 94-byte binary form of a pose message."""
+    validate(msg)
+    if msg["type"] != "pose":
+        raise ProtocolError(f"binary form exists for pose messages only, not {msg['type']!r}")
+    b = msg["beat"]
+    kp = [round(c * Q15) for pair in msg["kp"] for c in pair]
+    return BINARY_POSE.pack(
+        BINARY_MAGIC, SCHEMA_VERSION, 1, 1 if b["is_beat"] else 0,
+        msg["seq"] & 0xFFFFFFFF, msg["t"], msg["t_audio"], msg["t"] - msg["t_capture"],
+        b["bpm"], int(b["phase"] * PHASE_Q16) % PHASE_Q16, int(b["bar_phase"] * PHASE_Q16) % PHASE_Q16,
+        b["meter"], min(255, round(msg["fps"])), min(65535, round(b["next_beat_in"] * 1000)),
+        round(msg["heading"] / math.pi * Q15), *kp)
+
+
+# --- decoding ---------------------------------------------------------------
+
+def decode(payload: bytes | bytearray | str, topic_name: str | None = None) -> dict:
+    """Bytes from the wire -> a validated message dict; ProtocolError otherwise."""
+    if isinstance(payload, str):
+        payload = payload.encode()
+    if len(payload) > MAX_PAYLOAD:
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    if not payload:
+        raise ProtocolError("empty payload")
+    topic_id = parse_topic(topic_name)[0] if topic_name else None
+    if payload[0] == BINARY_MAGIC:
+        msg = _decode_binary(bytes(payload), topic_id)
+    else:
+        try:
+            msg = json.loads(payload, parse_constant=_reject_constant)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise ProtocolError(f"payload is neither JSON nor binary pose: {e}") from e
+        if not isinstance(msg, dict):
+            raise ProtocolError(f"payload must be a JSON object, got {type(msg).__name__}")
+    validate(msg)
+    if topic_name:
+        tid, kind = parse_topic(topic_name)
+        if msg["device"] != tid:
+            raise ProtocolError(f"field 'device' is {msg['device']!r} but the topic names {tid!r}")
+        if msg["type"] != kind and not (kind == "status" and msg["type"] == "status"):
+            raise ProtocolError(f"field 'type' is {msg['type']!r} but the topic is a {kind!r} topic")
+    return msg
+
+
+def _reject_constant(name):
+    raise ProtocolError(f"non-finite number {name} in payload")
+
+
+def _decode_binary(p: bytes, device_id: str | None) -> dict:
+    if len(p) != BINARY_POSE.size:
+        raise ProtocolError(f"binary pose must be {BINARY_POSE.size} bytes, got {len(p)}")
+    (_, version, kind, flags, seq, t, t_audio, lag, bpm, phase, bar_phase, meter, fps,
+     next_ms, heading, *kp) = BINARY_POSE.unpack(p)
+    if version != SCHEMA_VERSION:
+        raise ProtocolError(f"binary field 'version' is {version}, this decoder speaks {SCHEMA_VERSION}")
+    if kind != 1:
+        raise ProtocolError(f"binary field 'type' is {kind}, only 1 (pose) exists")
+    return {
+        "v": SCHEMA_VERSION, "type": "pose", "device": device_id or "unknown", "seq": seq, "t": t,
+        "frame": seq, "t_audio": t_audio, "t_capture": t - lag, "fps": float(fps),
+        "heading": heading * math.pi / Q15,
+        "beat": {"bpm": bpm, "phase": phase / PHASE_Q16, "bar_phase": bar_phase / PHASE_Q16,
+                 "meter": meter, "onset": 0.0, "is_beat": bool(flags & 1),
+                 "next_beat_in": next_ms / 1000.0},
+        "kp": [[kp[2 * i] / Q15, kp[2 * i + 1] / Q15] for i in range(N_KEYPOINTS)],
+    }
+
+
+# --- validation -------------------------------------------------------------
+
+def _num(m: dict, key: str, where: str, lo=-math.inf, hi=math.inf, integer=False):
+    if key not in m:
+        raise ProtocolError(f"{where}: missing field {key!r}")
+    x = m[key]
+    ok_types = (int,) if integer else (int, float)
+    if isinstance(x, bool) or not isinstance(x, ok_types):
+        raise ProtocolError(f"{where}: field {key!r} must be {'an integer' if integer else 'a number'}, got {x!r:.40}")
+    if not math.isfinite(x):
+        raise ProtocolError(f"{where}: field {key!r} is not finite")
+    if not lo <= x <= hi:
+        raise ProtocolError(f"{where}: field {key!r} = {x} outside [{lo}, {hi}]")
+    return x
+
+
+def _str(m: dict, key: str, where: str, choices=None):
+    x = m.get(key)
+    if not isinstance(x, str):
+        raise ProtocolError(f"{where}: field {key!r} must be a string, got {x!r:.40}")
+    if choices is not None and x not in choices:
+        raise ProtocolError(f"{where}: field {key!r} = {x!r} not one of {choices}")
+    return x
+
+
+def validate(msg: dict) -> dict:
+    if not isinstance(msg, dict):
+        raise ProtocolError(f"message must be an object, got {type(msg).__name__}")
+    if msg.get("v") != SCHEMA_VERSION:
+        raise ProtocolError(f"field 'v' is {msg.get('v')!r:.20}; this decoder speaks schema {SCHEMA_VERSION}")
+    kind = _str(msg, "type", "message", KINDS)
+    where = f"{kind} message"
+    device_id = _str(msg, "device", where)
+    if not DEVICE_ID_RE.match(device_id) and device_id != "unknown":
+        raise ProtocolError(f"{where}: field 'device' = {device_id!r:.70} is not a valid device id")
+    _num(msg, "seq", where, 0, 2**63, integer=True)
+    _num(msg, "t", where, 0)
+    if kind == "pose":
+        _num(msg, "frame", where, 0, integer=True)
+        _num(msg, "t_audio", where, 0)
+        _num(msg, "t_capture", where, 0)
+        _num(msg, "fps", where, 1, 240)
+        _num(msg, "heading", where, -math.pi - 1e-3, math.pi + 1e-3)
+        _beat(msg.get("beat"), where)
+        kp = msg.get("kp")
+        if not isinstance(kp, list) or len(kp) != N_KEYPOINTS:
+            raise ProtocolError(f"{where}: field 'kp' must be {N_KEYPOINTS} [x, y] pairs")
+        for i, pair in enumerate(kp):
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise ProtocolError(f"{where}: field 'kp[{i}]' must be an [x, y] pair")
+            for j, c in enumerate(pair):
+                if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or abs(c) > 1.0:
+                    raise ProtocolError(f"{where}: field 'kp[{i}][{j}]' = {c!r:.20} must be a finite number in [-1, 1]")
+    elif kind == "beat":
+        _num(msg, "frame", where, 0, integer=True)
+        _num(msg, "t_audio", where, 0)
+        _num(msg, "bpm", where, 0, 1000)
+        _num(msg, "meter", where, 0, 16, integer=True)
+        _num(msg, "beat_in_bar", where, 0, 16, integer=True)
+        _num(msg, "next_beat_in", where, 0, 60)
+        _num(msg, "beat_index", where, 0, integer=True)
+    elif kind == "status":
+        _str(msg, "state", where, STATES)
+    elif kind == "cmd":
+        cmd = _str(msg, "cmd", where, COMMANDS)
+        args = msg.get("args", {})
+        if not isinstance(args, dict):
+            raise ProtocolError(f"{where}: field 'args' must be an object")
+        if cmd == "select_bundle":
+            _str(args, "path", f"{where} args")
+        if cmd == "latency":
+            _num(args, "ms", f"{where} args", -1000, 1000)
+    elif kind == "features":
+        _num(msg, "frame", where, 0, integer=True)
+        _num(msg, "t_audio", where, 0)
+        x = msg.get("x")
+        if not isinstance(x, list) or not x or len(x) > 4096:
+            raise ProtocolError(f"{where}: field 'x' must be a non-empty list of numbers")
+        for i, c in enumerate(x):
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
+                raise ProtocolError(f"{where}: field 'x[{i}]' must be a finite number")
+    return msg
+
+
+def _beat(b, where: str):
+    where = f"{where} beat"
+    if not isinstance(b, dict):
+        raise ProtocolError(f"{where}: field 'beat' must be an object")
+    _num(b, "bpm", where, 0, 1000)
+    _num(b, "phase", where, 0, 1)
+    _num(b, "bar_phase", where, 0, 1)
+    _num(b, "meter", where, 0, 16, integer=True)
+    _num(b, "onset", where, 0)
+    _num(b, "next_beat_in", where, 0, 60)
+    if not isinstance(b.get("is_beat"), bool):
+        raise ProtocolError(f"{where}: field 'is_beat' must be true or false")
+
+
+class SequenceGuard:
+    """Drops stale and out-of-order messages per (device, type); counts what it drops."""
+
+    def __init__(self):
+        self._last: dict[tuple[str, str], int] = {}
+        self.dropped = 0
+
+    def accept(self, msg: dict) -> bool:
+        key = (msg["device"], msg["type"])
+        last = self._last.get(key)
+        if last is not None and msg["seq"] <= last and msg["seq"] != 0:
+            self.dropped += 1
+            return False
+        self._last[key] = msg["seq"]
+        return True
+
+
+def pose_message(device_id: str, seq: int, t: float, *, frame: int, t_audio: float, t_capture: float,
+                 fps: float, kp, heading: float, beat: dict) -> dict:
+    """Build a pose message from arrays/numbers (kp: (14, 2), clipped to [-1, 1])."""
+    pairs = [[max(-1.0, min(1.0, float(x))), max(-1.0, min(1.0, float(y)))] for x, y in kp]
+    return {"v": SCHEMA_VERSION, "type": "pose", "device": device_id, "seq": int(seq), "t": float(t),
+            "frame": int(frame), "t_audio": float(t_audio), "t_capture": float(t_capture), "fps": float(fps),
+            "heading": float(heading), "beat": dict(beat), "kp": pairs}
