@@ -19,6 +19,7 @@ KINDS = ("pose", "beat", "status", "metrics", "cmd", "features")
 STATES = ("online", "paused", "stopped", "offline")
 COMMANDS = ("start", "stop", "pause", "select_bundle", "latency")
 MAX_PAYLOAD = 64 * 1024
+MAX_FEATURE_ROWS = 256  # offload: context + new frames in one features message
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 BINARY_MAGIC = 0xED
@@ -202,12 +203,23 @@ def validate(msg: dict) -> dict:
     elif kind == "features":
         _num(msg, "frame", where, 0, integer=True)
         _num(msg, "t_audio", where, 0)
+        _num(msg, "t_capture", where, 0)
+        _num(msg, "fps", where, 1, 240)
+        _str(msg, "feature_hash", where)
+        _beat(msg.get("beat"), where)
         x = msg.get("x")
-        if not isinstance(x, list) or not x or len(x) > 4096:
-            raise ProtocolError(f"{where}: field 'x' must be a non-empty list of numbers")
-        for i, c in enumerate(x):
-            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
-                raise ProtocolError(f"{where}: field 'x[{i}]' must be a finite number")
+        if not isinstance(x, list) or not 1 <= len(x) <= MAX_FEATURE_ROWS:
+            raise ProtocolError(f"{where}: field 'x' must be a list of 1..{MAX_FEATURE_ROWS} feature frames")
+        width = len(x[0]) if isinstance(x[0], list) else -1
+        if not 1 <= width <= 1024:
+            raise ProtocolError(f"{where}: field 'x[0]' must be a list of 1..1024 numbers")
+        for i, row in enumerate(x):
+            if not isinstance(row, list) or len(row) != width:
+                raise ProtocolError(f"{where}: field 'x[{i}]' must be a list of {width} numbers like x[0]")
+            for j, c in enumerate(row):
+                if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
+                    raise ProtocolError(f"{where}: field 'x[{i}][{j}]' must be a finite number")
+        _num(msg, "context", where, 0, len(x) - 1, integer=True)
     return msg
 
 

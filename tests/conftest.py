@@ -20,3 +20,16 @@ def real_data() -> pathlib.Path:
     if not dances:
         pytest.fail(f"EDGEDANCE_DATA={root!r} holds no DANCE_*/audio.mp3 folders")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> pathlib.Path:
+    """A real full-int8 model bundle (random weights, the real architecture, 1 x 16 units) for the
+    default feature config, built once per session by `converter.bundle.make_test_bundle`
+    (needs TensorFlow, ~6 s). Load it with `device.model.load_bundle(tiny_bundle)`."""
+    from converter.bundle import make_test_bundle
+    from device import features
+    from device.contract import DEFAULT_FEATURES
+
+    return make_test_bundle(tmp_path_factory.mktemp("tiny_bundle") / "bundle",
+                            n_features=features.n_features(DEFAULT_FEATURES))

@@ -1,0 +1,354 @@
+"""Keras step model -> TFLite (float32, dynamic-range int8, full int8, int16x8).
+
+The device runs the model one pose frame at a time: the trainer's step model
+(`trainer.model.build_step_model`) takes one frame of features plus every state
+(encoder LSTM h/c, the attention ring buffer, decoder h/c, the last pose) and returns
+the pose, the heading change and the new states. It is plain ops (no WHILE loop), so
+it converts to full int8.
+
+Two decisions shape the converted graph:
+
+* Feature normalisation is folded into the first encoder LSTM. The trainer's step model
+  starts with `feat_norm` ((x - mean) * inv_std); with a small std that multiplies some
+  columns by up to 1000, and a per-tensor int8 scale after it would crush the others. The
+  converter sets `feat_norm` to identity and moves it into `enc_lstm_0`'s input kernel and
+  bias (W' = diag(inv_std) W, b' = b - (mean * inv_std) W; exact in float), where int8 weights
+  are quantized per output channel. The graph then takes the features as
+  `device.features` makes them: every column a fixed affine map of an integer quantity,
+  clipped to [-1, 1]. For int8 the converter then pins the input's quantization to
+  scale 1/127, zero point 0 (`fix_input_quantization`), so q = round(127 x) exactly.
+* The graph is saved from a frozen concrete function. Keras 3 variables otherwise
+  stay resource variables in the .tflite and the int8 calibrator fails on READ_VARIABLE.
+  Signature outputs are then named output_0.. in the order of `StepSignature.outputs`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+import tempfile
+import warnings
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+QUANTIZE_MODES = ("float", "dynamic", "int8", "int16x8")
+FEATURE_INPUT = "x"
+NOISE_INPUT = "noise"
+POSE_OUTPUT = "pose"
+HEADING_OUTPUT = "dheading"
+STATE_OUT_SUFFIX = "_out"
+EQUIVALENCE_TOL = 1e-4  # max abs diff, step vs sequence model, float
+
+
+class ConversionError(RuntimeError):
+    """The model cannot be converted as asked (with what to change)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]  # with the batch dimension (1)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSignature:
+    """Names and shapes of a step model's inputs and outputs, and how states pair up."""
+
+    inputs: tuple[TensorSpec, ...]  # x, [noise], states, in the Keras model's input order
+    outputs: tuple[TensorSpec, ...]  # pose, dheading, then `<state>_out` in state order
+    states: tuple[tuple[str, str], ...]  # (input name, output name)
+
+    @property
+    def n_features(self) -> int:
+        return self.input(FEATURE_INPUT).shape[-1]
+
+    @property
+    def noise_dims(self) -> int:
+        return next((s.shape[-1] for s in self.inputs if s.name == NOISE_INPUT), 0)
+
+    def input(self, name: str) -> TensorSpec:
+        return next(s for s in self.inputs if s.name == name)
+
+
+def describe(step_model) -> StepSignature:
+    """Read the step model's tensor names; states are the inputs other than x/noise, each with
+    an output of the same name plus `_out`."""
+    in_specs = [TensorSpec(t.name, tuple(int(d) for d in t.shape)) for t in step_model.inputs]
+    names = [s.name for s in in_specs]
+    if FEATURE_INPUT not in names:
+        raise ConversionError(f"step model {step_model.name}: no input named {FEATURE_INPUT!r} (inputs {names})")
+    out = step_model({s.name: np.zeros(s.shape, np.float32) for s in in_specs}, training=False)
+    if not isinstance(out, dict):
+        raise ConversionError(f"step model {step_model.name}: outputs must be a dict by name, got {type(out).__name__}")
+    out_shapes = {k: tuple(int(d) for d in np.shape(v)) for k, v in out.items()}
+    for need in (POSE_OUTPUT, HEADING_OUTPUT):
+        if need not in out_shapes:
+            raise ConversionError(f"step model {step_model.name}: no output named {need!r} (outputs {sorted(out_shapes)})")
+    states = []
+    for s in in_specs:
+        if s.name in (FEATURE_INPUT, NOISE_INPUT):
+            continue
+        o = s.name + STATE_OUT_SUFFIX
+        if out_shapes.get(o) != s.shape:
+            raise ConversionError(f"step model {step_model.name}: state input {s.name!r} {s.shape} needs an output "
+                                  f"{o!r} of the same shape (got {out_shapes.get(o)})")
+        states.append((s.name, o))
+    outputs = [POSE_OUTPUT, HEADING_OUTPUT] + [o for _, o in states]
+    extra = sorted(set(out_shapes) - set(outputs))
+    if extra:
+        raise ConversionError(f"step model {step_model.name}: unexpected outputs {extra}")
+    return StepSignature(tuple(in_specs), tuple(TensorSpec(n, out_shapes[n]) for n in outputs), tuple(states))
+
+
+# ---------------------------------------------------------------------------------------
+# Keras side: the models, their equivalence, realistic states
+
+
+@dataclasses.dataclass
+class KerasModels:
+    """The trained sequence model, its step model (weights copied) and what the bundle needs."""
+
+    sequence: object
+    step: object
+    mcfg: object  # trainer.model.ModelConfig
+    feature_cfg: object  # device.contract.FeatureConfig
+    normalization: dict  # as saved by the trainer (n_features, ...)
+    feat_mean: np.ndarray  # (F,) taken from the model's feat_norm layer
+    feat_inv_std: np.ndarray  # (F,)
+    signature: StepSignature
+    source: str = ""
+
+
+def from_sequence_model(sequence, mcfg, feature_cfg, normalization: dict, source: str = "") -> KerasModels:
+    """Build the step model of a (trained) sequence model and copy its weights by layer name."""
+    from trainer import model as tm
+
+    n_features = int(sequence.get_layer("feat_norm").n_features)
+    step = tm.build_step_model(mcfg, n_features)
+    tm.copy_weights(sequence, step)
+    mean, inv_std = (np.asarray(w, np.float32) for w in step.get_layer("feat_norm").get_weights())
+    return KerasModels(sequence, step, mcfg, feature_cfg, dict(normalization), mean, inv_std, describe(step), source)
+
+
+def from_run(run_dir) -> KerasModels:
+    """The models of a trained run folder (`trainer.model.load_run`)."""
+    from trainer import model as tm
+
+    seq, mcfg, fcfg, norm = tm.load_run(run_dir)
+    if mcfg.kind != "ours":
+        raise ConversionError(f"{run_dir}: model kind {mcfg.kind!r} has no streaming step model; convert an 'ours' run")
+    return from_sequence_model(seq, mcfg, fcfg, norm, source=str(run_dir))
+
+
+class KerasStepper:
+    """Runs a Keras step model frame by frame (compiled once), feeding the states back."""
+
+    def __init__(self, models: KerasModels, folded: bool = False):
+        import tensorflow as tf
+
+        self.models = models
+        self.sig = models.signature
+        step = folded_clone(models) if folded else models.step
+        self._fn = tf.function(lambda feed: step(feed, training=False), reduce_retracing=True)
+        self.reset()
+
+    def reset(self):
+        self.states = {i: np.zeros(self.sig.input(i).shape, np.float32) for i, _ in self.sig.states}
+
+    def step(self, x: np.ndarray, noise: np.ndarray | None = None) -> dict:
+        feed = {FEATURE_INPUT: np.asarray(x, np.float32).reshape(1, -1), **self.states}
+        if self.sig.noise_dims:
+            feed[NOISE_INPUT] = np.asarray(noise, np.float32).reshape(1, -1)
+        out = {k: np.asarray(v) for k, v in self._fn(feed).items()}
+        self.states = {i: out[o] for i, o in self.sig.states}
+        return out
+
+    def run(self, x: np.ndarray, noise: np.ndarray | None = None, record_every: int = 0):
+        """x (T, F) -> out (T, 29) (pose then dheading); with record_every > 0 also a list of
+        input dicts (features + states as fed) every that many frames, for calibration."""
+        self.reset()
+        outs, rec = [], []
+        for t in range(x.shape[0]):
+            nt = None if noise is None else noise[t]
+            if record_every and t % record_every == 0:
+                feed = {FEATURE_INPUT: x[t : t + 1].astype(np.float32), **{k: v.copy() for k, v in self.states.items()}}
+                if nt is not None:
+                    feed[NOISE_INPUT] = nt[None].astype(np.float32)
+                rec.append(feed)
+            o = self.step(x[t], nt)
+            outs.append(np.concatenate([o[POSE_OUTPUT][0], o[HEADING_OUTPUT][0]]))
+        return (np.stack(outs), rec) if record_every else np.stack(outs)
+
+
+def sequence_outputs(models: KerasModels, x: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+    """The sequence model free-running over a whole song: (T, 29)."""
+    from trainer import model as tm
+
+    return tm.run_free(models.sequence, models.mcfg, x, noise)
+
+
+def check_equivalence(models: KerasModels, x: np.ndarray, noise: np.ndarray | None = None,
+                      tol: float = EQUIVALENCE_TOL) -> float:
+    """Max abs difference of step vs sequence model over x (T, F), float. Raises over `tol`."""
+    seq = sequence_outputs(models, x, noise)
+    step = KerasStepper(models).run(x, noise)
+    diff = float(np.max(np.abs(seq - step)))
+    log.info("step vs sequence over %d frames: max abs diff %.3g", x.shape[0], diff)
+    if not diff <= tol:
+        raise ConversionError(f"{models.source or 'model'}: the step model differs from the sequence model by "
+                              f"{diff:.3g} (> {tol}) over {x.shape[0]} frames: the step model does not match training")
+    return diff
+
+
+def representative_samples(models: KerasModels, songs: list[np.ndarray], n_samples: int = 400,
+                           noises: list[np.ndarray] | None = None) -> list[dict]:
+    """Calibration inputs for full-integer quantization: real features with the states the
+    float step model really reaches there (dicts keyed by input name)."""
+    total = sum(s.shape[0] for s in songs)
+    every = max(1, total // n_samples)
+    stepper = KerasStepper(models)
+    samples = []
+    for i, x in enumerate(songs):
+        _, rec = stepper.run(x, None if noises is None else noises[i], record_every=every)
+        samples += rec
+    log.info("representative data: %d samples from %d songs (%d frames)", len(samples), len(songs), total)
+    return samples
+
+
+# ---------------------------------------------------------------------------------------
+# TFLite
+
+
+def folded_clone(models: KerasModels):
+    """A copy of the step model with feat_norm folded into enc_lstm_0 (feat_norm = identity)."""
+    from trainer import model as tm
+
+    clone = tm.build_step_model(models.mcfg, models.signature.n_features)
+    tm.copy_weights(models.step, clone)
+    n = models.signature.n_features
+    clone.get_layer("feat_norm").set_weights([np.zeros(n, np.float32), np.ones(n, np.float32)])
+    cell = clone.get_layer("enc_lstm_0")
+    kernel, recurrent, bias = cell.get_weights()  # (F, 4U), (U, 4U), (4U,)
+    m, s = models.feat_mean.astype(np.float64), models.feat_inv_std.astype(np.float64)
+    k64 = kernel.astype(np.float64)
+    cell.set_weights([(s[:, None] * k64).astype(np.float32), recurrent,
+                      (bias - (m * s) @ k64).astype(np.float32)])
+    return clone
+
+
+FIXED_INPUT_SCALE = 1.0 / 127  # device.features: every column in [-1, 1] -> q = round(127 x)
+
+
+def fix_input_quantization(blob: bytes, input_name: str = FEATURE_INPUT, scale: float = FIXED_INPUT_SCALE,
+                           zero_point: int = 0) -> bytes:
+    """Pin an int8 input's quantization to a fixed (scale, zero point). Exact, not approximate:
+    every TFLite kernel reads its input's scale at prepare time, so the first op simply
+    rescales from the new scale. Only for ranges the new scale covers ([-1, 1] here)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(bytearray(blob), 0)
+    sg = model.subgraphs[0]
+    sig = model.signatureDefs[0]
+    idx = next((t.tensorIndex for t in sig.inputs if t.name.decode() == input_name), None)
+    if idx is None:
+        raise ConversionError(f"fix_input_quantization: no signature input {input_name!r}")
+    q = sg.tensors[idx].quantization
+    if q is None or q.scale is None or len(q.scale) != 1:
+        raise ConversionError(f"fix_input_quantization: input {input_name!r} is not per-tensor quantized")
+    log.info("input %s: quantization (%.6g, %d) -> (%.6g, %d)", input_name, q.scale[0], q.zeroPoint[0], scale, zero_point)
+    q.scale, q.zeroPoint = [float(scale)], [int(zero_point)]
+    import flatbuffers
+
+    b = flatbuffers.Builder(len(blob) + 1024)
+    b.Finish(model.Pack(b), file_identifier=b"TFL3")
+    return bytes(b.Output())
+
+
+def to_tflite(models: KerasModels, mode: str, samples: list[dict] | None = None, fixed_input: bool = True) -> bytes:
+    """Convert the step model (normalisation folded in) to a TFLite flatbuffer."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    if mode not in QUANTIZE_MODES:
+        raise ConversionError(f"quantize={mode!r}: choose one of {QUANTIZE_MODES}")
+    if mode in ("int8", "int16x8") and not samples:
+        raise ConversionError(f"quantize={mode}: needs representative samples (real features)")
+    sig = models.signature
+    step = folded_clone(models)
+    in_names = [s.name for s in sig.inputs]
+    out_names = [s.name for s in sig.outputs]
+
+    @tf.function(input_signature=[tf.TensorSpec(s.shape, tf.float32, name=s.name) for s in sig.inputs])
+    def serve(*args):
+        out = step(dict(zip(in_names, args)), training=False)
+        return [out[n] for n in out_names]  # signature outputs output_0.. in this order
+
+    frozen = convert_variables_to_constants_v2(serve.get_concrete_function())
+    with tempfile.TemporaryDirectory(prefix="edgedance-convert-") as tmp:
+        tf.saved_model.save(tf.Module(), tmp, signatures={"serving_default": frozen})
+        conv = tf.lite.TFLiteConverter.from_saved_model(tmp)
+        if mode != "float":
+            conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        if mode in ("int8", "int16x8"):
+            # The calibrator feeds inputs by signature name; it must be a dict (inputs are
+            # ordered alphabetically in the flatbuffer, not as in the Keras model).
+            conv.representative_dataset = lambda: ({k: v.astype(np.float32) for k, v in s.items()} for s in samples)
+            if mode == "int8":
+                conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+                conv.inference_input_type = conv.inference_output_type = tf.int8
+            else:
+                conv.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+                conv.inference_input_type = conv.inference_output_type = tf.int16
+        try:
+            with warnings.catch_warnings():  # the calibrator's own tf.lite.Interpreter deprecation notice
+                warnings.simplefilter("ignore", UserWarning)
+                blob = conv.convert()
+        except Exception as e:  # the converter raises ConverterError, RuntimeError, ValueError...
+            raise ConversionError(f"TFLite conversion ({mode}) of {models.source or 'the step model'} failed: {e}") from e
+    if mode == "int8" and fixed_input:
+        blob = fix_input_quantization(blob)
+    log.info("converted %s: %d bytes", mode, len(blob))
+    return bytes(blob)
+
+
+def output_names(sig: StepSignature) -> dict[str, str]:
+    """Signature output key (output_i) -> our tensor name."""
+    return {f"output_{i}": s.name for i, s in enumerate(sig.outputs)}
+
+
+def versions() -> dict:
+    import platform
+
+    import tensorflow as tf
+    import keras
+
+    from converter import __version__
+
+    try:
+        import ai_edge_litert
+        litert = getattr(ai_edge_litert, "__version__", None)
+        if litert is None:
+            from importlib.metadata import version
+            litert = version("ai-edge-litert")
+    except Exception:  # noqa: BLE001 - informational only
+        litert = None
+    return {"edgedance": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
+            "numpy": np.__version__, "python": platform.python_version(), "ai_edge_litert": litert}
+
+
+def quiet_tensorflow():
+    """Keep TensorFlow's C++ start-up chatter out of CLI output (before importing it)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def file_sha256(path: pathlib.Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

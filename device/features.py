@@ -1,0 +1,206 @@
+"""Model input at the pose rate (25 fps): pooled log-Mel + beat features, causal.
+
+Pose frame t covers samples [t * 640, (t + 1) * 640) = hops 4t .. 4t + 3 and uses audio up
+to (t + 1) * 640 only. Per frame:
+
+    pcm int16 ─► device.frontend (4 hops of Q7.8 log-Mel) ─► device.beat (per hop)
+              ─► pool the 4 hops ─► x (F,) float32 by the fixed affine maps below
+
+Every column of x is a fixed affine map of a causal quantity, clipped to [-1, 1], so an int8
+model can take x with one fixed quantization (scale 1/127). The maps (x = (raw - offset) / scale):
+
+| columns | raw quantity | offset | scale | raw range -> x |
+| --- | --- | --- | --- | --- |
+| mel_00 .. mel_39 | mean of the 4 hops' Q7.8 log-Mel in dB (int / 256), minus the running loudness R | 0 | 40 dB | R -40 dB .. R +40 dB -> -1 .. 1 |
+| onset | max over the 4 hops of the normalized onset strength (standard deviations) | 2 | 2 | 0 .. 4 sd -> -1 .. 1 |
+| beat_sin, beat_cos | sin, cos of 2 pi * beat phase | 0 | 1 | |
+| bar_sin, bar_cos | sin, cos of 2 pi * bar phase | 0 | 1 | |
+| tempo | log2(bpm / 110), 0 while unknown | 0 | 1 | 55 .. 220 BPM -> -1 .. 1 |
+| beat | 1 if a beat falls in the frame, else 0 | 0 | 1 | {0, 1} |
+| meter | beats per bar (3 or 4), 3.5 while unknown | 3.5 | 0.5 | 3 -> -1, 4 -> 1, unknown -> 0 |
+
+R, the running loudness, makes the Mel level-invariant (microphone gain is unknown): the
+frame loudness L_t = mean over bands of the pooled dB; R is its exponential mean with time
+constant `LOUDNESS_S` seconds, bias-corrected (R is the plain mean of what was heard while
+fewer than LOUDNESS_S seconds have passed), updated only on frames louder than
+`cfg.floor_db + SILENCE_DB` (digital silence does not drag it down).
+
+`FeatureExtractor(cfg).process(pcm chunk)` streams; `extract(pcm)` runs the very same code on
+a whole signal, so both are identical for any chunking.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from device.audio import load_file
+from device.beat import BeatFrames, BeatTracker
+from device.contract import DEFAULT_FEATURES, FeatureConfig
+from device.frontend import Frontend
+
+LOUDNESS_S = 5.0  # time constant of the running loudness R (seconds)
+SILENCE_DB = 10.0  # frames whose loudness is below floor_db + 10 dB do not update R
+TEMPO_REF_BPM = 110.0
+
+_BEAT_NAMES = ("onset", "beat_sin", "beat_cos", "bar_sin", "bar_cos", "tempo", "beat", "meter")
+
+
+def feature_names(cfg: FeatureConfig = DEFAULT_FEATURES) -> tuple[str, ...]:
+    return tuple(f"mel_{i:02d}" for i in range(cfg.n_mels)) + _BEAT_NAMES
+
+
+FEATURE_NAMES = feature_names(DEFAULT_FEATURES)  # 48 names for the default config
+
+
+def n_features(cfg: FeatureConfig = DEFAULT_FEATURES) -> int:
+    return cfg.n_mels + len(_BEAT_NAMES)  # 48
+
+
+# x = clip((raw - offset) / scale, -1, 1); "mel" applies to every mel_* column.
+FEATURE_SCALE = {
+    "mel": (0.0, 40.0),
+    "onset": (2.0, 2.0),
+    "beat_sin": (0.0, 1.0),
+    "beat_cos": (0.0, 1.0),
+    "bar_sin": (0.0, 1.0),
+    "bar_cos": (0.0, 1.0),
+    "tempo": (0.0, 1.0),
+    "beat": (0.0, 1.0),
+    "meter": (3.5, 0.5),
+}
+
+
+@dataclasses.dataclass
+class FeatureFrames:
+    """T pose frames of model input and the beat state behind it."""
+
+    x: np.ndarray             # (T, F) float32 model input, every column in [-1, 1]
+    bpm: np.ndarray           # (T,) float32, 0 while unknown
+    phase: np.ndarray         # (T,) float32 beat phase in [0, 1) at the end of the frame
+    bar_phase: np.ndarray     # (T,) float32 bar phase in [0, 1)
+    meter: np.ndarray         # (T,) int8: 3, 4, 0 while unknown
+    onset: np.ndarray         # (T,) float32 max normalized onset strength over the frame's hops
+    is_beat: np.ndarray       # (T,) bool
+    next_beat_in: np.ndarray  # (T,) float32 seconds from the end of the frame to the next beat
+    beat_times: np.ndarray    # (n_beats,) float64 seconds, the tracker's beats in these frames
+    mel: np.ndarray           # (T, n_mels) float32 pooled log-Mel, dB re full scale
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    @classmethod
+    def empty(cls, cfg: FeatureConfig = DEFAULT_FEATURES) -> "FeatureFrames":
+        z = np.zeros(0, np.float32)
+        return cls(np.zeros((0, n_features(cfg)), np.float32), z, z.copy(), z.copy(), np.zeros(0, np.int8),
+                   z.copy(), np.zeros(0, bool), z.copy(), np.zeros(0, np.float64),
+                   np.zeros((0, cfg.n_mels), np.float32))
+
+    @staticmethod
+    def concat(parts: list["FeatureFrames"]) -> "FeatureFrames":
+        assert parts, "concat needs at least one FeatureFrames"
+        return FeatureFrames(*[np.concatenate([getattr(p, f.name) for p in parts])
+                               for f in dataclasses.fields(FeatureFrames)])
+
+
+class FeatureExtractor:
+    """Streaming: PCM chunks of any length in, the pose frames they complete out."""
+
+    def __init__(self, cfg: FeatureConfig = DEFAULT_FEATURES):
+        self.cfg = cfg
+        self.hops = cfg.hops_per_pose_frame  # 4
+        self.frontend = Frontend(cfg)
+        self.tracker = BeatTracker(cfg)
+        self.loud_a = 1.0 / (LOUDNESS_S * cfg.pose_fps)
+        self.silence_db = cfg.floor_db + SILENCE_DB
+        self.n_feat = n_features(cfg)
+        self.reset()
+
+    def reset(self) -> None:
+        self.frontend.reset()
+        self.tracker.reset()
+        self.pending_mel = np.zeros((0, self.cfg.n_mels), np.int16)
+        self.pending_beat = None
+        self.loud_sum = 0.0  # bias-corrected EMA: R = loud_sum / loud_weight
+        self.loud_weight = 0.0
+
+    def process(self, pcm: np.ndarray) -> FeatureFrames:
+        mel = self.frontend.process(pcm)  # (k, n_mels) int16
+        if mel.shape[0] == 0:
+            return FeatureFrames.empty(self.cfg)
+        beat = self.tracker.process(mel)
+        mel = np.concatenate([self.pending_mel, mel])
+        if self.pending_beat is not None:
+            beat = _concat_beats(self.pending_beat, beat)
+        n_frames = mel.shape[0] // self.hops
+        used = n_frames * self.hops
+        self.pending_mel = mel[used:]
+        self.pending_beat = _slice_beats(beat, used, None)
+        if n_frames == 0:
+            return FeatureFrames.empty(self.cfg)
+        return self._frames(mel[:used], _slice_beats(beat, 0, used), n_frames)
+
+    def _frames(self, mel: np.ndarray, beat, n: int) -> FeatureFrames:
+        cfg, h = self.cfg, self.hops
+        mel_db = mel.reshape(n, h, cfg.n_mels).astype(np.float64).mean(axis=1) / (1 << cfg.log_frac_bits)  # (n, n_mels)
+        last = np.arange(n) * h + h - 1  # the last hop of each frame
+        onset = beat.onset.reshape(n, h).max(axis=1)
+        is_beat = beat.is_beat.reshape(n, h).any(axis=1)
+        bpm, phase, bar_phase = beat.bpm[last], beat.phase[last], beat.bar_phase[last]
+        meter, next_in = beat.meter[last], beat.next_beat_in[last]
+        loud = mel_db.mean(axis=1)  # (n,)
+        ref = np.empty(n)
+        for i in range(n):  # the running loudness: sequential, so streaming == batch exactly
+            if loud[i] > self.silence_db:
+                self.loud_sum = (1 - self.loud_a) * self.loud_sum + self.loud_a * loud[i]
+                self.loud_weight = (1 - self.loud_a) * self.loud_weight + self.loud_a
+            ref[i] = self.loud_sum / self.loud_weight if self.loud_weight > 0 else loud[i]
+        x = np.empty((n, self.n_feat), np.float64)
+        m = cfg.n_mels
+        off, sc = FEATURE_SCALE["mel"]
+        x[:, :m] = (mel_db - ref[:, None] - off) / sc
+        tempo = np.where(bpm > 0, np.log2(np.maximum(bpm, 1e-3) / TEMPO_REF_BPM), 0.0)
+        meter_raw = np.where(meter > 0, meter, 3.5)
+        cols = {
+            "onset": onset, "beat_sin": np.sin(2 * np.pi * phase), "beat_cos": np.cos(2 * np.pi * phase),
+            "bar_sin": np.sin(2 * np.pi * bar_phase), "bar_cos": np.cos(2 * np.pi * bar_phase),
+            "tempo": tempo, "beat": is_beat.astype(np.float64), "meter": meter_raw,
+        }
+        for j, name in enumerate(_BEAT_NAMES):
+            off, sc = FEATURE_SCALE[name]
+            x[:, m + j] = (np.asarray(cols[name], np.float64) - off) / sc
+        np.clip(x, -1.0, 1.0, out=x)
+        return FeatureFrames(x.astype(np.float32), bpm.astype(np.float32), phase.astype(np.float32),
+                             bar_phase.astype(np.float32), meter.astype(np.int8), onset.astype(np.float32),
+                             is_beat, next_in.astype(np.float32), beat.beat_times.copy(),
+                             mel_db.astype(np.float32))
+
+
+def _slice_beats(b: BeatFrames, start: int, stop: int | None) -> BeatFrames:
+    """Hops [start, stop) of a BeatFrames, with the beats raised in them (one per is_beat hop)."""
+    stop = b.onset.shape[0] if stop is None else stop
+    hop_idx = np.flatnonzero(b.is_beat)
+    assert len(hop_idx) == len(b.beat_times)
+    keep = (hop_idx >= start) & (hop_idx < stop)
+    return BeatFrames(b.bpm[start:stop], b.phase[start:stop], b.bar_phase[start:stop], b.meter[start:stop],
+                      b.onset[start:stop], b.is_beat[start:stop], b.next_beat_in[start:stop], b.beat_times[keep])
+
+
+def _concat_beats(a: BeatFrames, b: BeatFrames) -> BeatFrames:
+    return BeatFrames(*[np.concatenate([getattr(a, f.name), getattr(b, f.name)])
+                        for f in dataclasses.fields(BeatFrames)])
+
+
+def extract(pcm: np.ndarray, cfg: FeatureConfig = DEFAULT_FEATURES) -> FeatureFrames:
+    """A whole int16 signal -> its FeatureFrames (T = len(pcm) // 640): the streaming code, one chunk."""
+    pcm = np.asarray(pcm)
+    if pcm.ndim != 1 or pcm.dtype != np.int16:
+        raise ValueError(f"features.extract wants 1-D int16 PCM at {cfg.sample_rate_hz} Hz, "
+                         f"got {pcm.dtype} {pcm.shape}; convert with device.audio.to_pcm16")
+    return FeatureExtractor(cfg).process(pcm)
+
+
+def extract_file(path: str | os.PathLike, cfg: FeatureConfig = DEFAULT_FEATURES) -> FeatureFrames:
+    """Decode an audio file (device.audio.load_file; AudioError names a bad file) and extract."""
+    return extract(load_file(path, cfg), cfg)

@@ -1,0 +1,281 @@
+"""Fixed-point log-Mel frontend: int16 PCM in, int16 log-Mel (dB re full scale, Q7.8) out.
+
+Integer arithmetic only, every stage vectorised over a block of frames:
+
+    int16 frame ─► Q15 Hann window ─► per-frame block exponent (leading-zero count)
+                ─► radix-2 FFT (N/2-point complex, Q15 twiddles) ─► real-FFT split
+                ─► power (int64) ─► Mel filterbank (Q15 weights, non-zero spans only)
+                ─► log2 (leading-zero count + LUT) ─► dB in Q7.8 ─► floor
+
+The float reference of exactly this definition (framing, window, filters, 0 dB) is
+device.frontend_ref; its docstring says what 0 dB means. Frame i analyses samples
+[(i + 1) * hop - n_fft, (i + 1) * hop), zeros before the stream starts.
+
+Every frame carries its own exponent, so a frame's output depends on its own samples only:
+streaming in any chunk sizes and batch (`log_mel`) are bit-identical.
+
+Numbers, for the default config (n_fft N = 512 = 2**9, M = N / 2 = 256 complex points):
+
+  window   x (int16, |x| <= 2**15) times w_q15 = round(w * 2**15) (<= 2**15): |x * w_q15| <= 2**30.
+  exponent e = max(0, bitlen(max_n |x * w_q15|)); the frame becomes v = round(x * w_q15 * 2**V / 2**e),
+           so |v| <= 2**V with V = DATA_BITS = 30 - log2(N) = 21. Quiet frames are shifted up (up to
+           21 bits), loud ones down (at most 10 bits: 21 bits of a 16-bit input survive).
+  FFT      z_n = v_2n + j v_2n+1, Z = DFT_M(z) by radix-2 decimation in time (bit reversal folded into
+           the framing gather, no per-stage shift needed: the V-bit start leaves log2(N) bits headroom).
+           Butterfly values stay below M * sqrt(2) * 2**V < 2**30 (int32 data); products with Q15
+           twiddles are 31 x 16 -> 47 bits, rounded back by >> 15 (an ARM SMULL + shift).
+  split    F_k = (Z_k + Z*_{M-k}) - j W_N^k (Z_k - Z*_{M-k}) = 2 X_k, k = 0 .. M, |F_k| <= 2 * N * 2**V = 2**31.
+  power    P_k = Re(F_k)**2 + Im(F_k)**2 <= 2**62 (int64). Parseval: sum_k P_k <= 2**62 too.
+  Mel      mel_m = sum_k w_q15[m, k] * (P_k >> 15): each bin feeds at most two adjacent bands with
+           weights r and 2**15 - r, so every partial sum <= 2**15 * sum_k (P_k >> 15) <= 2**62 (int64).
+  scale    v = x_f * w * 2**(30 + V - e) with x_f = x / 2**15, so P_k = 2**(62 + 2V - 2e) |X_f,k|**2 and
+           mel_m = 2**(62 + 2V - 2e) * Mel_f,m. With P_REF = (N / 4)**2 = 2**(2 log2 N - 4):
+           log2(Mel_f / P_REF) = log2(mel_m) - LOG2_OFFSET + 2e,  LOG2_OFFSET = 58 + 2V + 2 log2 N = 118.
+  log2     bitlen b (binary search over the 63 powers of two: a leading-zero count), mantissa
+           normalised to 17 bits [2**16, 2**17), its 16 fraction bits index a 257-entry Q16 table of
+           log2(1 + i / 256) (top 8 bits) with linear interpolation (low 8 bits): error < 3e-6 (log2).
+  dB       dB_q8 = round(10 log10(2) * 2**8 * L_q16 / 2**16) = (L_q16 * DB_PER_LOG2_Q16 + 2**23) >> 24,
+           DB_PER_LOG2_Q16 = round(10 log10(2) * 2**16) = 197283; |L_q16| < 2**23, the product < 2**41.
+  floor    max(dB_q8, round(floor_db * 2**8)). A Mel value of 1 (or 0) maps below -168 dB for any
+           exponent (checked in setup), so silence needs no special case.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+from device.contract import DEFAULT_FEATURES, FeatureConfig
+from device.frontend_ref import bin_hz, hann, mel_corners_hz
+
+log = logging.getLogger(__name__)
+
+Q15 = 15
+ONE_Q15 = 1 << Q15
+MEL_SHIFT = 15  # P_k >> 15 before the Q15 filterbank MAC: keeps every Mel sum below 2**62
+LUT_BITS = 8  # log2 table: 2**8 segments, linear interpolation over the next 8 bits
+MANTISSA_BITS = 16  # fraction bits of the normalised Mel value that the table and interpolation use
+DB_PER_LOG2_Q16 = round(10.0 * math.log10(2.0) * (1 << 16))  # 197283: dB per octave of power, Q16
+BLOCK_FRAMES = 128  # frames per vectorised block in batch use: (128, 2, 256) int64 = 0.5 MB
+_POW2 = np.array([1 << i for i in range(63)], dtype=np.int64)  # bitlen(x) = searchsorted(_POW2, x, 'right')
+
+
+def _bitlen(x: np.ndarray) -> np.ndarray:
+    """Number of significant bits of non-negative int64 values (0 for 0): 64 - leading zeros."""
+    return np.searchsorted(_POW2, x, side="right")
+
+
+def _bitrev(n_bits: int) -> np.ndarray:
+    i = np.arange(1 << n_bits)
+    r = np.zeros_like(i)
+    for b in range(n_bits):
+        r |= ((i >> b) & 1) << (n_bits - 1 - b)
+    return r
+
+
+def _q15(x: np.ndarray) -> np.ndarray:
+    return np.round(np.asarray(x) * ONE_Q15).astype(np.int64)
+
+
+class Frontend:
+    """Streaming fixed-point log-Mel. `process` takes int16 chunks of any length.
+
+    Returns the (k, n_mels) int16 frames (dB * 256) completed by each chunk; a remainder of
+    less than a hop is kept for the next call. `reset` starts a new stream (zeros before it).
+    """
+
+    def __init__(self, cfg: FeatureConfig = DEFAULT_FEATURES, block_frames: int = BLOCK_FRAMES):
+        self.cfg = cfg
+        n, hop = cfg.n_fft, cfg.hop_length
+        self.n_fft, self.hop, self.n_mels = n, hop, cfg.n_mels
+        self.log2_n = n.bit_length() - 1
+        m = n // 2
+        self.m = m
+        self.data_bits = 30 - self.log2_n  # V: |v| <= 2**V keeps |F_k| <= 2**31
+        assert self.data_bits >= 16, f"n_fft {n} too large for a 16-bit input with 31-bit FFT data"
+        self.log2_offset = 58 + 2 * self.data_bits + 2 * self.log2_n  # 118 for n_fft 512
+        self.floor_q8 = int(round(cfg.floor_db * (1 << cfg.log_frac_bits)))
+        assert cfg.log_frac_bits == 8, "the dB conversion below is derived for Q7.8 output"
+
+        # Framing: frame j of a block gathers buf[j * hop + PERM]; PERM puts the even samples
+        # (real parts) then the odd ones (imaginary parts) in bit-reversed order: (k, 2, M) layout.
+        br = _bitrev(self.log2_n - 1)
+        self._perm = np.concatenate([2 * br, 2 * br + 1])  # (N,)
+        # Window in Q15, pre-shifted by V so one rounding right shift by e normalises the frame.
+        self.window_q15 = _q15(hann(n))  # (N,) <= 32768
+        self._win = (self.window_q15 << self.data_bits)[self._perm]  # (N,) permuted, Q(15 + V)
+
+        # Radix-2 stages: for half-size h the twiddles W_2h^j = c - j s, j < h, in Q15.
+        self._stages = []
+        h = 1
+        while h < m:
+            ang = np.pi * np.arange(h) / h
+            c, s = _q15(np.cos(ang)), _q15(np.sin(ang))
+            self._stages.append((h, c, np.stack([s, -s])[:, None, :]))  # (h,), (2, 1, h)
+            h *= 2
+        # Real-FFT split, k = 0 .. M: W_N^k = c - j s.
+        k = np.arange(m + 1)
+        self._ka, self._kb = k % m, (m - k) % m
+        ang = 2.0 * np.pi * k / n
+        c, s = _q15(np.cos(ang)), _q15(np.sin(ang))
+        self._conj = np.array([1, -1], dtype=np.int64)[:, None]  # (2, 1)
+        self._split_c = np.stack([c, -c])  # (2, M+1): multiplies [D_im, D_re]
+        self._split_s = np.stack([-s, -s])  # (2, M+1): multiplies [D_re, D_im]
+
+        self._setup_filterbank()
+        self._setup_log()
+
+        self.block_frames = block_frames
+        self._keep = n - hop  # samples of history a new frame needs
+        self._cap = self._keep + block_frames * hop
+        self._buf = np.zeros(self._cap, dtype=np.int16)
+        self._idx = np.arange(block_frames)[:, None] * hop + self._perm[None, :]  # (B, N)
+        self.reset()
+
+    def _setup_filterbank(self):
+        """Each bin k between the first and last corner lies in one segment j (corner j <= f < corner j+1):
+        it feeds band j with the rising weight r = (f - c_j) / (c_j+1 - c_j) and band j - 1 with 1 - r.
+        Only those spans are stored: a bin range per segment and one Q15 weight per bin."""
+        f = bin_hz(self.cfg)
+        corners = mel_corners_hz(self.cfg)
+        seg = np.searchsorted(corners, f, side="right") - 1  # (M+1,), -1 below, n_mels+1 at/after the top
+        used = (seg >= 0) & (seg <= self.n_mels)
+        self._k0 = int(np.argmax(used))
+        self._k1 = int(len(f) - np.argmax(used[::-1]))
+        assert used[self._k0:self._k1].all()
+        seg_u = seg[self._k0:self._k1]
+        f_u = f[self._k0:self._k1]
+        r = (f_u - corners[seg_u]) / (corners[seg_u + 1] - corners[seg_u])
+        self.rise_q15 = _q15(r)  # (n_used,) weight into band seg
+        self.fall_q15 = ONE_Q15 - self.rise_q15  # (n_used,) weight into band seg - 1
+        # Segment j spans used bins [lo_j, hi_j): cumulative-sum differences give the span sums.
+        j = np.arange(self.n_mels + 1)
+        lo = np.searchsorted(seg_u, j, side="left")
+        hi = np.searchsorted(seg_u, j, side="right")
+        n_used = len(seg_u)
+        # Band m = rise over segment m + fall over segment m + 1. Both weighted spectra sit in one
+        # cumulative array [0, cumsum(rise * P), cumsum(fall * P)] (offset n_used + 1 for the second).
+        off = n_used + 1
+        self._mel_idx = np.stack([hi[:-1], lo[:-1], off + hi[1:], off + lo[1:]])  # (4, n_mels)
+        self._n_used = n_used
+        if np.any(hi - lo == 0):
+            log.warning("feature config %s: some Mel segments hold no FFT bin (bands too narrow for n_fft)",
+                        self.cfg.config_hash())
+
+    def _setup_log(self):
+        i = np.arange((1 << LUT_BITS) + 1)
+        self.log2_lut_q16 = np.round(np.log2(1.0 + i / (1 << LUT_BITS)) * (1 << 16)).astype(np.int64)  # (257,)
+        self._lut_diff = np.diff(self.log2_lut_q16)  # (256,)
+        # A Mel value of 1 (log2 = 0) at the largest exponent (e = 31) must fall below the floor.
+        worst_db = 10 * math.log10(2) * (0 - self.log2_offset + 2 * 31)
+        assert worst_db < self.cfg.floor_db, "floor too low for the Mel resolution"
+
+    def reset(self) -> None:
+        self._buf[: self._keep] = 0
+        self._fill = self._keep
+
+    def process(self, pcm: np.ndarray) -> np.ndarray:
+        """int16 samples (any length) -> (k, n_mels) int16 log-Mel of the k frames they complete."""
+        pcm = _check_pcm(pcm)
+        out = []
+        pos, n_in = 0, len(pcm)
+        while True:
+            take = min(n_in - pos, self._cap - self._fill)
+            self._buf[self._fill: self._fill + take] = pcm[pos: pos + take]
+            self._fill += take
+            pos += take
+            if self._fill < self._cap and pos < n_in:
+                continue
+            k = (self._fill - self._keep) // self.hop
+            if k:
+                out.append(self._frames(k))
+                used = k * self.hop
+                rest = self._fill - used
+                self._buf[:rest] = self._buf[used: self._fill]
+                self._fill = rest
+            if pos >= n_in:
+                break
+        if not out:
+            return np.zeros((0, self.n_mels), dtype=np.int16)
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def _frames(self, k: int) -> np.ndarray:
+        """log-Mel of the k frames in the buffer: (k, n_mels) int16."""
+        m = self.m
+        y = self._buf[self._idx[:k]] * self._win  # (k, N) int64, |y| <= 2**(30 + V)
+        e = _bitlen(np.abs(y).max(axis=1)) - self.data_bits  # (k,) block exponent
+        np.maximum(e, 0, out=e)
+        e = e[:, None]
+        y += (1 << e) >> 1
+        y >>= e  # |v| <= 2**V
+        x = y.reshape(k, 2, m)  # (k, 2, M): [re, im] of z in bit-reversed order
+
+        for h, c, s2 in self._stages:
+            v = x.reshape(k, 2, m // (2 * h), 2, h)
+            a, b = v[:, :, :, 0, :], v[:, :, :, 1, :]  # (k, 2, g, h)
+            if h == 1:  # W = 1
+                t = b.copy()
+            else:  # t = b * (c - j s) = [b_re c + b_im s, b_im c - b_re s], rounded Q15
+                t = b * c
+                t += b[:, ::-1] * s2
+                t += 1 << (Q15 - 1)
+                t >>= Q15
+            np.subtract(a, t, out=b)
+            a += t
+
+        # Real-FFT split: F_k = Ze + W_N^k Zo with Ze = Z_k + Z*_{M-k}, Zo = -j (Z_k - Z*_{M-k}).
+        za = x[:, :, self._ka]  # (k, 2, M+1)
+        zb = x[:, :, self._kb] * self._conj  # conj(Z_{M-k})
+        d = za - zb
+        za += zb  # Ze
+        t = d[:, ::-1] * self._split_c  # [D_im c, -D_re c]
+        t += d * self._split_s  # [-D_re s, -D_im s]
+        t += 1 << (Q15 - 1)
+        t >>= Q15
+        za += t  # F = 2 X, |F| <= 2**31
+
+        za *= za
+        p = za[:, 0, self._k0: self._k1] + za[:, 1, self._k0: self._k1]  # (k, n_used) <= 2**62
+        p >>= MEL_SHIFT
+
+        acc = np.zeros((k, 2 * (self._n_used + 1)), dtype=np.int64)
+        np.cumsum(p * self.rise_q15, axis=1, out=acc[:, 1: self._n_used + 1])
+        np.cumsum(p * self.fall_q15, axis=1, out=acc[:, self._n_used + 2:])
+        g = acc[:, self._mel_idx]  # (k, 4, n_mels)
+        mel = g[:, 0] - g[:, 1] + g[:, 2] - g[:, 3]  # (k, n_mels) <= 2**62
+
+        np.maximum(mel, 1, out=mel)
+        b = _bitlen(mel) - 1  # floor(log2 mel), 0 .. 61
+        up = MANTISSA_BITS - b
+        mant = (mel << np.maximum(up, 0)) >> np.maximum(-up, 0)  # [2**16, 2**17)
+        mant -= 1 << MANTISSA_BITS
+        i = mant >> (MANTISSA_BITS - LUT_BITS)
+        mant &= (1 << (MANTISSA_BITS - LUT_BITS)) - 1
+        frac = self._lut_diff[i] * mant
+        frac += 1 << (MANTISSA_BITS - LUT_BITS - 1)
+        frac >>= MANTISSA_BITS - LUT_BITS
+        frac += self.log2_lut_q16[i]  # log2 fraction, Q16
+        b += 2 * e - self.log2_offset
+        b <<= 16
+        b += frac  # log2(Mel / P_REF) in Q16
+        b *= DB_PER_LOG2_Q16
+        b += 1 << 23
+        b >>= 24  # dB in Q7.8
+        np.maximum(b, self.floor_q8, out=b)
+        return b.astype(np.int16)
+
+
+def _check_pcm(pcm) -> np.ndarray:
+    pcm = np.asarray(pcm)
+    if pcm.dtype != np.int16:
+        raise TypeError(f"frontend input must be int16 PCM, got dtype {pcm.dtype}; "
+                        "convert float audio in [-1, 1] with device.audio.to_pcm16")
+    if pcm.ndim != 1:
+        raise ValueError(f"frontend input must be mono, shape (N,), got shape {pcm.shape}; mix channels down first")
+    return pcm
+
+
+def log_mel(pcm: np.ndarray, cfg: FeatureConfig = DEFAULT_FEATURES) -> np.ndarray:
+    """Batch log-Mel of a whole signal: (N // hop, n_mels) int16, bit-identical to streaming."""
+    return Frontend(cfg).process(pcm)

@@ -1,0 +1,442 @@
+"""The model stage: load a model bundle and run it one pose frame at a time.
+
+A bundle is a folder with `model.tflite` and `manifest.json` (written by
+`converter.bundle`). `load_bundle` is the only way in: it checks the manifest against
+the model file (size, SHA-256), the device's feature config (hash, field by field),
+the pose contract and the interpreter's own tensor details, and raises `BundleError`
+naming the file and the field for anything wrong.
+
+`Bundle.stepper()` gives a `StreamingModel`: `step(x (F,) float32) -> (pose (14, 2), heading)`.
+Per frame it quantizes the features (the model holds their normalisation), feeds every state the
+model returned last frame back in (re-quantized when the output and input scales
+differ), invokes, and dequantizes the pose and the heading change; all buffers are
+allocated once. numpy + LiteRT only: no TensorFlow on the device.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import pathlib
+
+import numpy as np
+
+from device.contract import DEFAULT_FEATURES, KEYPOINTS, N_KEYPOINTS, FeatureConfig
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.tflite"
+SIGNATURE = "serving_default"
+N_POSE = 2 * N_KEYPOINTS  # 28 values, keypoint-major (x, y)
+ROLES_IN = ("features", "noise", "state")
+ROLES_OUT = ("pose", "heading", "state")
+REQUIRED = ("schema_version", "model", "feature_config", "feature_hash", "n_features", "frame_rate_hz",
+            "lookback", "keypoints", "normalization", "inputs", "outputs", "states", "heading",
+            "model_config", "training", "metrics", "versions")
+
+
+class BundleError(RuntimeError):
+    """A model bundle that cannot be used: names the path and the field, says how to fix it."""
+
+
+# ---------------------------------------------------------------------------------------
+# The platform, chosen in one place
+
+
+def interpreter_class():
+    """(Interpreter class, runtime name): LiteRT if installed, else tflite_runtime."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        return Interpreter, "ai_edge_litert"
+    except ImportError:
+        pass
+    try:
+        from tflite_runtime.interpreter import Interpreter
+
+        return Interpreter, "tflite_runtime"
+    except ImportError as e:
+        raise BundleError("no TFLite runtime: install LiteRT (`pip install ai-edge-litert`, the `device` extra) "
+                          "or tflite-runtime (numpy < 2)") from e
+
+
+def make_interpreter(model_path, num_threads: int = 1):
+    cls, _ = interpreter_class()
+    try:
+        interp = cls(model_path=str(model_path), num_threads=num_threads)
+        interp.allocate_tensors()
+    except (ValueError, RuntimeError) as e:
+        raise BundleError(f"{model_path}: the TFLite runtime cannot load this model ({e}); "
+                          "re-create the bundle with `python -m converter convert`") from e
+    return interp
+
+
+# ---------------------------------------------------------------------------------------
+# Loading and validation
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    name: str  # our name (x, enc_h_0, pose, enc_h_0_out, ...)
+    key: str  # the signature key in the .tflite (input name; output_i for outputs)
+    role: str
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype name
+    scale: float  # 0.0 = not quantized
+    zero_point: int
+
+
+@dataclasses.dataclass
+class Bundle:
+    path: pathlib.Path
+    manifest: dict
+    cfg: FeatureConfig
+    inputs: dict[str, TensorInfo]
+    outputs: dict[str, TensorInfo]
+    states: list[tuple[str, str]]  # (input name, output name)
+
+    @property
+    def model_path(self) -> pathlib.Path:
+        return self.path / self.manifest["model"]["file"]
+
+    @property
+    def n_features(self) -> int:
+        return int(self.manifest["n_features"])
+
+    @property
+    def quantize(self) -> str:
+        return self.manifest["model"]["quantize"]
+
+    def stepper(self, num_threads: int = 1, seed: int = 0) -> "StreamingModel":
+        return StreamingModel(self, num_threads=num_threads, seed=seed)
+
+
+def _fail(path, field, what, fix="re-create the bundle with `python -m converter convert RUN --out DIR`"):
+    raise BundleError(f"{path}: field {field!r}: {what}; {fix}")
+
+
+def _get(m: dict, key: str, typ, path, where=""):
+    field = f"{where}{key}"
+    if key not in m:
+        _fail(path, field, "missing")
+    v = m[key]
+    if typ is float and isinstance(v, int) and not isinstance(v, bool):
+        v = float(v)
+    if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+        _fail(path, field, f"expected {getattr(typ, '__name__', typ)}, got {type(v).__name__} {v!r:.60}")
+    return v
+
+
+def _read_manifest(path: pathlib.Path) -> dict:
+    mpath = path / MANIFEST
+    if not path.exists():
+        raise BundleError(f"{path}: bundle folder does not exist; point --model at a folder made by "
+                          "`python -m converter convert` (the shipped one is models/default)")
+    if not path.is_dir():
+        raise BundleError(f"{path}: not a folder; a bundle is a folder holding {MODEL_FILE} and {MANIFEST}")
+    if not mpath.is_file():
+        raise BundleError(f"{mpath}: missing; a bundle folder needs {MANIFEST} beside {MODEL_FILE}")
+    try:
+        m = json.loads(mpath.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{mpath}: not valid JSON ({e}); the manifest is corrupt or truncated, "
+                          "re-create the bundle with `python -m converter convert`") from e
+    if not isinstance(m, dict):
+        raise BundleError(f"{mpath}: expected a JSON object, got {type(m).__name__}")
+    return m
+
+
+def _check_feature_config(m: dict, mpath, cfg: FeatureConfig) -> FeatureConfig:
+    fc = _get(m, "feature_config", dict, mpath)
+    try:
+        theirs = FeatureConfig.from_dict(fc, source=f"{mpath} feature_config")
+    except ValueError as e:
+        raise BundleError(f"{mpath}: field 'feature_config': {e}") from e
+    h = _get(m, "feature_hash", str, mpath)
+    if theirs.config_hash() != h:
+        _fail(mpath, "feature_hash", f"{h} is not the hash of its own feature_config ({theirs.config_hash()}): "
+              "the manifest was edited")
+    if h != cfg.config_hash():
+        mine, other = cfg.to_dict(), theirs.to_dict()
+        diff = ", ".join(f"{k}: bundle {other.get(k)!r} vs device {mine.get(k)!r}"
+                         for k in sorted(set(mine) | set(other)) if mine.get(k) != other.get(k))
+        raise BundleError(f"{mpath}: field 'feature_hash': the bundle was trained on other features "
+                          f"({h} vs the device's {cfg.config_hash()}; {diff}); use a bundle trained with this "
+                          "feature config or run the device with the bundle's")
+    return theirs
+
+
+def _tensor_list(m, key, roles, mpath) -> list[TensorInfo]:
+    items = _get(m, key, list, mpath)
+    out = []
+    for i, t in enumerate(items):
+        where = f"{key}[{i}]."
+        if not isinstance(t, dict):
+            _fail(mpath, f"{key}[{i}]", "expected an object")
+        role = _get(t, "role", str, mpath, where)
+        if role not in roles:
+            _fail(mpath, where + "role", f"{role!r} is not one of {roles}")
+        shape = _get(t, "shape", list, mpath, where)
+        if not all(isinstance(d, int) and d >= 1 for d in shape):
+            _fail(mpath, where + "shape", f"{shape} is not a list of positive ints")
+        q = _get(t, "quant", dict, mpath, where)
+        scale = _get(q, "scale", float, mpath, where + "quant.")
+        zp = _get(q, "zero_point", int, mpath, where + "quant.")
+        dtype = _get(t, "dtype", str, mpath, where)
+        if dtype not in ("float32", "int8", "int16"):
+            _fail(mpath, where + "dtype", f"{dtype!r} is not float32, int8 or int16")
+        if (dtype == "float32") != (scale == 0.0) or not math.isfinite(scale) or scale < 0:
+            _fail(mpath, where + "quant.scale", f"{scale} does not fit dtype {dtype}")
+        out.append(TensorInfo(_get(t, "name", str, mpath, where), _get(t, "key", str, mpath, where), role,
+                              tuple(shape), dtype, float(scale), int(zp)))
+    return out
+
+
+def load_bundle(path, cfg: FeatureConfig = DEFAULT_FEATURES) -> Bundle:
+    """Load and validate a model bundle folder; BundleError (path + field + fix) if unusable."""
+    path = pathlib.Path(path)
+    m = _read_manifest(path)
+    mpath = path / MANIFEST
+    for key in REQUIRED:
+        if key not in m:
+            _fail(mpath, key, "missing")
+    sv = _get(m, "schema_version", int, mpath)
+    if sv != SCHEMA_VERSION:
+        _fail(mpath, "schema_version", f"{sv} is not supported (this device reads version {SCHEMA_VERSION})",
+              "update the device software or re-convert the model with this version's converter")
+
+    # The model file: present, complete, unchanged.
+    mm = _get(m, "model", dict, mpath)
+    fname = _get(mm, "file", str, mpath, "model.")
+    size = _get(mm, "size_bytes", int, mpath, "model.")
+    sha = _get(mm, "sha256", str, mpath, "model.")
+    quantize = _get(mm, "quantize", str, mpath, "model.")
+    if quantize not in ("float", "dynamic", "int8", "int16x8"):
+        _fail(mpath, "model.quantize", f"{quantize!r} is not float, dynamic, int8 or int16x8")
+    fpath = path / fname
+    if pathlib.Path(fname).name != fname:
+        _fail(mpath, "model.file", f"{fname!r} must be a file name inside the bundle folder")
+    if not fpath.is_file():
+        raise BundleError(f"{fpath}: missing (manifest field 'model.file'); copy the whole bundle folder")
+    actual = fpath.stat().st_size
+    if actual != size:
+        raise BundleError(f"{fpath}: {actual} bytes but the manifest (field 'model.size_bytes') says {size}: "
+                          "the file is truncated or replaced; copy the bundle again")
+    digest = hashlib.sha256(fpath.read_bytes()).hexdigest()
+    if digest != sha:
+        raise BundleError(f"{fpath}: SHA-256 {digest[:12]}.. differs from the manifest's (field 'model.sha256') "
+                          f"{sha[:12]}..: the file is corrupt or replaced; copy the bundle again")
+
+    theirs = _check_feature_config(m, mpath, cfg)
+    fps = _get(m, "frame_rate_hz", int, mpath)
+    if fps != cfg.pose_fps:
+        _fail(mpath, "frame_rate_hz", f"{fps} differs from the device's pose rate {cfg.pose_fps}")
+    kps = _get(m, "keypoints", list, mpath)
+    if tuple(kps) != KEYPOINTS:
+        _fail(mpath, "keypoints", f"{kps} is not the BODY-14 order {list(KEYPOINTS)}")
+    lookback = _get(m, "lookback", int, mpath)
+    if lookback < 1:
+        _fail(mpath, "lookback", f"{lookback} must be >= 1")
+    F = _get(m, "n_features", int, mpath)
+    norm = _get(m, "normalization", dict, mpath)
+    if _get(norm, "applied_by", str, mpath, "normalization.") != "model":
+        _fail(mpath, "normalization.applied_by", f"{norm['applied_by']!r}: this device needs 'model' (folded in)")
+    for key in ("feat_mean", "feat_inv_std"):
+        v = _get(norm, key, list, mpath, "normalization.")
+        a = np.asarray(v, dtype=np.float64) if all(isinstance(e, (int, float)) for e in v) else None
+        if a is None or a.shape != (F,) or not np.all(np.isfinite(a)):
+            _fail(mpath, f"normalization.{key}", f"must be {F} finite numbers (n_features)")
+        if key == "feat_inv_std" and not np.all(a > 0):
+            _fail(mpath, f"normalization.{key}", "must be > 0")
+    heading = _get(m, "heading", dict, mpath)
+    if _get(heading, "kind", str, mpath, "heading.") != "delta_radians_per_frame":
+        _fail(mpath, "heading.kind", f"{heading['kind']!r} is not 'delta_radians_per_frame'")
+    for key in ("model_config", "training", "metrics", "versions"):
+        _get(m, key, dict, mpath)
+
+    ins = _tensor_list(m, "inputs", ROLES_IN, mpath)
+    outs = _tensor_list(m, "outputs", ROLES_OUT, mpath)
+    inputs, outputs = {t.name: t for t in ins}, {t.name: t for t in outs}
+    feats = [t for t in ins if t.role == "features"]
+    if len(feats) != 1 or feats[0].shape != (1, F):
+        _fail(mpath, "inputs", f"needs exactly one 'features' input of shape [1, {F}]")
+    for role, shape in (("pose", (1, N_POSE)), ("heading", (1, 1))):
+        t = [o for o in outs if o.role == role]
+        if len(t) != 1 or t[0].shape != shape:
+            _fail(mpath, "outputs", f"needs exactly one {role!r} output of shape {list(shape)}")
+    states = []
+    for i, s in enumerate(_get(m, "states", list, mpath)):
+        where = f"states[{i}]."
+        if not isinstance(s, dict):
+            _fail(mpath, f"states[{i}]", "expected an object")
+        a, b = _get(s, "input", str, mpath, where), _get(s, "output", str, mpath, where)
+        if a not in inputs or inputs[a].role != "state" or b not in outputs or outputs[b].role != "state":
+            _fail(mpath, where.rstrip("."), f"{a!r} -> {b!r} must name a state input and a state output")
+        if inputs[a].shape != outputs[b].shape or inputs[a].dtype != outputs[b].dtype:
+            _fail(mpath, where.rstrip("."), f"{a} {inputs[a].shape} {inputs[a].dtype} and {b} "
+                  f"{outputs[b].shape} {outputs[b].dtype} must match")
+        states.append((a, b))
+    n_state_in = sum(t.role == "state" for t in ins)
+    if len(states) != n_state_in or len({a for a, _ in states}) != n_state_in:
+        _fail(mpath, "states", "every state input must appear exactly once")
+
+    bundle = Bundle(path, m, theirs, inputs, outputs, states)
+    _check_against_model(bundle)
+    return bundle
+
+
+def _check_against_model(bundle: Bundle) -> None:
+    """The manifest's tensors must be the model's: names, shapes, dtypes, quantization."""
+    interp = make_interpreter(bundle.model_path)
+    mpath = bundle.path / MANIFEST
+    try:
+        runner = interp.get_signature_runner(SIGNATURE)
+    except ValueError as e:
+        raise BundleError(f"{bundle.model_path}: no signature {SIGNATURE!r} ({e}); re-convert the model") from e
+    for kind, details, tensors in (("inputs", runner.get_input_details(), bundle.inputs),
+                                   ("outputs", runner.get_output_details(), bundle.outputs)):
+        keys = {t.key for t in tensors.values()}
+        if keys != set(details):
+            _fail(mpath, kind, f"names {sorted(keys)} differ from the model's {sorted(details)}")
+        for t in tensors.values():
+            d = details[t.key]
+            scale, zp = d["quantization"]
+            if (tuple(int(v) for v in d["shape"]) != t.shape or np.dtype(d["dtype"]).name != t.dtype
+                    or not math.isclose(scale, t.scale, rel_tol=1e-6) or int(zp) != t.zero_point):
+                _fail(mpath, f"{kind}.{t.name}", f"manifest {t.shape} {t.dtype} ({t.scale}, {t.zero_point}) "
+                      f"differs from the model's {tuple(d['shape'])} {np.dtype(d['dtype']).name} ({scale}, {zp})")
+
+
+# ---------------------------------------------------------------------------------------
+# Streaming
+
+
+def _qrange(dtype) -> tuple[int, int]:
+    info = np.iinfo(dtype)
+    return int(info.min), int(info.max)
+
+
+class StreamingModel:
+    """One pose frame per `step`; the states stay inside, fed back every frame."""
+
+    NOISE_SMOOTH_FRAMES = 25.0  # the trainer's make_noise: AR(1), 1 s time constant at 25 fps
+
+    def __init__(self, bundle: Bundle, num_threads: int = 1, seed: int = 0):
+        self.bundle = bundle
+        self._interp = make_interpreter(bundle.model_path, num_threads)
+        runner = self._interp.get_signature_runner(SIGNATURE)
+        in_idx = {k: d["index"] for k, d in runner.get_input_details().items()}
+        out_idx = {k: d["index"] for k, d in runner.get_output_details().items()}
+        del runner
+        ins, outs = bundle.inputs, bundle.outputs
+        F = bundle.n_features
+
+        fx = next(t for t in ins.values() if t.role == "features")
+        self._x_idx = in_idx[fx.key]
+        self._x_dtype = np.dtype(fx.dtype)
+        # Normalisation is folded into the model; quantization q = x / scale + zp = x * a + b
+        # (a = 127, b = 0 for the int8 bundles: the features' own fixed [-1, 1] map).
+        self._xa = np.full(F, 1.0 / fx.scale if fx.scale else 1.0, np.float32)  # (F,)
+        self._xb = np.full(F, fx.zero_point if fx.scale else 0.0, np.float32)  # (F,)
+        self._x_lo, self._x_hi = _qrange(self._x_dtype) if fx.scale else (-np.inf, np.inf)
+        self._x_tmp = np.zeros(F, np.float32)
+        self._x_in = np.zeros((1, F), self._x_dtype)
+
+        noise = [t for t in ins.values() if t.role == "noise"]
+        self._noise = None
+        if noise:
+            t = noise[0]
+            self._noise = (in_idx[t.key], t, np.zeros(t.shape[-1], np.float64), np.zeros(t.shape, np.dtype(t.dtype)))
+        self._rng = np.random.default_rng(seed)
+        self._seed = seed
+
+        # States: the input buffer fed each frame, and how to carry the output back into it.
+        self._states = []
+        for a, b in bundle.states:
+            ti, to = ins[a], outs[b]
+            buf = np.zeros(ti.shape, np.dtype(ti.dtype))
+            same = ti.scale == to.scale and ti.zero_point == to.zero_point
+            ratio = (to.scale / ti.scale) if ti.scale else 1.0
+            self._states.append((in_idx[ti.key], out_idx[to.key], buf, same, ratio, to.zero_point, ti.zero_point,
+                                 _qrange(buf.dtype) if ti.scale else None, ti))
+        tp = next(t for t in outs.values() if t.role == "pose")
+        th = next(t for t in outs.values() if t.role == "heading")
+        self._pose_idx, self._pose_q = out_idx[tp.key], (tp.scale or 1.0, tp.zero_point if tp.scale else 0)
+        self._head_idx, self._head_q = out_idx[th.key], (th.scale or 1.0, th.zero_point if th.scale else 0)
+        self._pose = np.zeros((N_KEYPOINTS, 2), np.float32)
+        self.reset()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self._interp = None
+
+    def reset(self):
+        """Start of a new stream: all-zero states (the model's start), heading 0."""
+        for *_, buf, _same, _r, _zo, zi, _rng, ti in self._states:
+            buf.fill(zi if ti.scale else 0)  # real value 0
+        self.heading = 0.0
+        self._rng = np.random.default_rng(self._seed)
+        if self._noise is not None:
+            self._noise[2][:] = self._rng.standard_normal(self._noise[2].shape)
+
+    def _quantize_into(self, real, dst, t: TensorInfo):
+        if t.scale:
+            lo, hi = _qrange(dst.dtype)
+            dst[...] = np.clip(np.rint(real / t.scale + t.zero_point), lo, hi)
+        else:
+            dst[...] = real
+
+    def step(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+        """x (F,) float32 features of one pose frame -> (pose (14, 2) float32, heading radians)."""
+        interp = self._interp
+        tmp = self._x_tmp
+        np.multiply(x, self._xa, out=tmp)
+        np.add(tmp, self._xb, out=tmp)
+        if self._x_dtype != np.float32:
+            np.rint(tmp, out=tmp)
+            np.clip(tmp, self._x_lo, self._x_hi, out=tmp)
+        self._x_in[0] = tmp
+        interp.set_tensor(self._x_idx, self._x_in)
+        if self._noise is not None:
+            idx, t, z, q = self._noise
+            rho = math.exp(-1.0 / self.NOISE_SMOOTH_FRAMES)
+            z *= rho
+            z += math.sqrt(1 - rho * rho) * self._rng.standard_normal(z.shape)
+            self._quantize_into(z.reshape(t.shape), q, t)
+            interp.set_tensor(idx, q)
+        for i_idx, _o, buf, *_ in self._states:
+            interp.set_tensor(i_idx, buf)
+        interp.invoke()
+        for _i, o_idx, buf, same, ratio, zo, zi, rng, _t in self._states:
+            out = interp.get_tensor(o_idx)
+            if same:
+                buf[...] = out
+            else:  # re-quantize: real = (q_out - zo) * s_out = (q_in - zi) * s_in
+                buf[...] = np.clip(np.rint((out.astype(np.float32) - zo) * ratio) + zi, *rng)
+        s, z = self._pose_q
+        p = interp.get_tensor(self._pose_idx).reshape(N_KEYPOINTS, 2)
+        np.multiply(np.subtract(p, z, dtype=np.float32), s, out=self._pose)
+        np.clip(self._pose, -1.0, 1.0, out=self._pose)
+        s, z = self._head_q
+        dh = (float(interp.get_tensor(self._head_idx).reshape(())) - z) * s
+        self.heading = (self.heading + dh + math.pi) % (2 * math.pi) - math.pi
+        return self._pose.copy(), self.heading
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A whole song from a fresh start: x (T, F) -> poses (T, 14, 2), headings (T,)."""
+        self.reset()
+        T = x.shape[0]
+        poses = np.empty((T, N_KEYPOINTS, 2), np.float32)
+        heads = np.empty(T, np.float64)
+        for t in range(T):
+            poses[t], heads[t] = self.step(x[t])
+        return poses, heads

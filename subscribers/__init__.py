@@ -1,0 +1,1 @@
+"""Followers of the pose stream: `robot` (servo angles, safety, drivers) and `display` (browser, GIF)."""

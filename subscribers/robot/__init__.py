@@ -1,0 +1,1 @@
+"""A small humanoid that follows the pose stream: kinematics -> safety -> servo bus."""

@@ -1,0 +1,94 @@
+"""The models: streaming step == sequence model, causality, scheduled-sampling mask, configs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+
+from trainer.model import (N_OUT, N_POSE, ModelConfig, build_sequence_model, build_step_model, copy_weights,
+                           make_noise, run_free, run_step_model, set_normalization, step_state_specs)
+
+pytestmark = pytest.mark.train
+F = 9
+
+
+def _model(mcfg, seed=0):
+    m = build_sequence_model(mcfg, F)
+    rng = np.random.default_rng(seed)
+    set_normalization(m, rng.normal(size=F), rng.uniform(0.5, 2.0, F), rng.uniform(-0.3, 0.3, N_POSE))
+    return m
+
+
+@pytest.mark.parametrize("mcfg", [
+    ModelConfig(layers=2, units=16, lookback=5, dec_units=12, noise_dims=3),
+    ModelConfig(layers=1, units=8, lookback=1, dec_units=8, attention=False, feedback=False),
+    ModelConfig(layers=1, units=8, lookback=30, dec_units=8),
+])
+def test_step_model_matches_sequence_model_free_running(mcfg):
+    seq = _model(mcfg)
+    step = build_step_model(mcfg, F)
+    assert copy_weights(seq, step) >= mcfg.layers + 2
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, F)).astype(np.float32)
+    noise = make_noise(40, mcfg.noise_dims, rng)
+    a = run_free(seq, mcfg, x, noise)
+    b = run_step_model(step, mcfg, x, noise)
+    assert a.shape == b.shape == (40, N_OUT)
+    assert np.abs(a - b).max() <= 1e-4
+    assert np.abs(a[:, :N_POSE]).max() <= 1.0
+    assert np.std(a[:, :N_POSE], axis=0).mean() > 0  # not constant: the weights really arrived
+
+
+def test_step_model_states_and_plain_ops():
+    import tensorflow as tf
+
+    mcfg = ModelConfig(layers=2, units=8, lookback=4, dec_units=8)
+    step = build_step_model(mcfg, F)
+    names = {i.name for i in step.inputs}
+    assert names == {"x"} | {n for n, _ in step_state_specs(mcfg)}
+    assert set(step.output) >= {"pose", "dheading"} | {n + "_out" for n, _ in step_state_specs(mcfg)}
+    specs = {i.name: tf.TensorSpec(i.shape, tf.float32) for i in step.inputs}
+    graph = tf.function(lambda d: step(d)).get_concrete_function(specs).graph
+    ops = {op.type for op in graph.get_operations()}
+    assert not {"While", "StatelessWhile", "TensorListReserve"} & ops, ops
+
+
+@pytest.mark.parametrize("kind", ["ours", "cnn", "am", "sa"])
+def test_causal(kind):
+    mcfg = ModelConfig(kind=kind, layers=2, units=8, lookback=6, dec_units=8, dropout=0.0)
+    m = _model(mcfg)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(30, F)).astype(np.float32)
+    y = x.copy()
+    y[20:] += rng.normal(size=(10, F)).astype(np.float32) * 3
+    a, b = run_free(m, mcfg, x), run_free(m, mcfg, y)
+    assert a.shape == (30, N_OUT)
+    assert np.abs(a[:20] - b[:20]).max() < 1e-5
+    assert np.abs(a[20:] - b[20:]).max() > 1e-4
+
+
+def test_teacher_forcing_mask_selects_the_fed_back_pose():
+    mcfg = ModelConfig(layers=1, units=8, lookback=3, dec_units=8, dropout=0.0)
+    m = _model(mcfg)
+    rng = np.random.default_rng(3)
+    T = 12
+    feed = {"x": rng.normal(size=(1, T, F)).astype(np.float32),
+            "prev": rng.uniform(-1, 1, (1, T, N_POSE)).astype(np.float32)}
+    other = dict(feed, prev=rng.uniform(-1, 1, (1, T, N_POSE)).astype(np.float32))
+    for mask, differs in ((0.0, False), (1.0, True)):
+        mk = np.full((1, T, 1), mask, np.float32)
+        a = np.asarray(m({**feed, "tf_mask": mk}))
+        b = np.asarray(m({**other, "tf_mask": mk}))
+        assert (np.abs(a - b).max() > 1e-4) == differs
+
+
+def test_model_config_errors():
+    with pytest.raises(ValueError, match="kind"):
+        ModelConfig(kind="gru")
+    with pytest.raises(ValueError, match="units"):
+        ModelConfig(units=0)
+    with pytest.raises(ValueError, match="bogus"):
+        ModelConfig.from_dict({"bogus": 1})
+    with pytest.raises(ValueError, match="only 'ours'"):
+        build_step_model(ModelConfig(kind="cnn"), F)

@@ -1,0 +1,72 @@
+"""End to end, small: fake dances in the release's format -> train -> resume -> generate."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+
+from trainer import dataset
+from trainer.cli import main as cli_main
+from trainer.config import build_config
+from trainer.train import train
+
+pytestmark = [pytest.mark.train, pytest.mark.slow]
+
+SMALL = ["layers=1", "units=16", "dec_units=16", "lookback=4", "chunk_frames=50", "batch_size=4",
+         "ss_epochs=2", "lr=0.005", "lr_final=0.001", "val_max_frames=0", "minutes=2", "patience=50",
+         "cache_dir="]
+
+
+@pytest.fixture(scope="module")
+def fake_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("m2d")
+    for i, style in enumerate("WWWC"):
+        dataset.write_fake_dance(root / f"DANCE_{style}_{i + 1}", seconds=8.0, seed=i, audio_format="wav")
+    return root
+
+
+def test_train_resume_generate(fake_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEDANCE_DATA", str(fake_root))
+    run = tmp_path / "run"
+    cfg = build_config([], SMALL + ["epochs=8"])
+    m = train(cfg, run, progress=False)
+    hist = json.loads((run / "history.json").read_text())
+    assert len(hist) == 8
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    assert hist[-1]["train_pose"] < hist[0]["train_pose"]
+    for name in ("train_config.json", "model_config.json", "feature_config.json", "feature_hash.txt",
+                 "split.json", "normalization.json", "history.json", "metrics.json", "model.weights.h5",
+                 "ckpt/last.weights.h5", "ckpt/optimizer.npz", "ckpt/state.json", "plots/loss.png"):
+        assert (run / name).is_file(), name
+    split = json.loads((run / "split.json").read_text())
+    assert split["val"] and not set(split["val"]) & set(split["train"])
+    assert np.isfinite(m["val_mean"]["mse"]) and m["training"]["epochs"] == 8
+
+    # Resume: continues from epoch 8 to 10 with the same split, history extended.
+    m2 = train(build_config([], SMALL + ["epochs=10"]), run, resume=True, progress=False)
+    hist2 = json.loads((run / "history.json").read_text())
+    assert [h["epoch"] for h in hist2] == list(range(1, 11))
+    assert hist2[:8] == hist
+    assert m2["training"]["epochs"] == 10
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg, run, progress=False)
+
+    # Generate from the run folder through the CLI.
+    song = next(fake_root.glob("DANCE_C_*")) / "audio.wav"
+    out = tmp_path / "p.npy"
+    assert cli_main(["generate", str(song), "--out", str(out), "--model", str(run),
+                     "--heading-out", str(tmp_path / "h.npy")]) == 0
+    p = np.load(out)
+    assert p.ndim == 3 and p.shape[1:] == (14, 2) and p.shape[0] >= 190
+    assert np.all(np.abs(p) <= 1.0) and np.isfinite(p).all()
+    assert np.load(tmp_path / "h.npy").shape == (p.shape[0],)
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert cli_main(["train", "--set", "unitz=3", "--out", str(tmp_path / "r")]) == 2
+    assert "unitz" in capsys.readouterr().err
+    assert cli_main(["generate", "x.wav", "--out", str(tmp_path / "p.npy"), "--model", str(tmp_path)]) == 2
+    assert "model.weights.h5" in capsys.readouterr().err

@@ -1,0 +1,89 @@
+"""`python -m trainer train | generate | experiments`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import sys
+import time
+
+
+def cmd_train(args) -> int:
+    from trainer.config import build_config
+    from trainer.train import train
+
+    sets = list(args.set or [])
+    if args.minutes is not None:
+        sets.append(f"minutes={args.minutes}")
+    cfg = build_config(args.config or [], sets)
+    out = args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.kind}"
+    m = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    vm, tr = m["val_mean"], m["training"]
+    print(f"run: {out}")
+    print(f"stopped by {tr['stop_reason']} after {tr['epochs']} epochs ({tr['train_seconds'] / 60:.1f} min, "
+          f"{tr['seconds_per_epoch']:.1f} s/epoch), best epoch {tr['best_epoch']}")
+    print("held out: " + " ".join(f"{k}={v:.4g}" for k, v in vm.items()))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from trainer.generate import generate_file
+
+    poses = generate_file(args.audio, args.out, args.model, heading_out=args.heading_out, seed=args.seed)
+    print(f"{args.out}: poses {poses.shape} at 25 fps")
+    return 0
+
+
+def cmd_experiments(args) -> int:
+    from trainer.experiments import run_suite
+
+    run_suite(args.suite, minutes_per_run=args.minutes_per_run, out_root=args.out, doc=args.doc,
+              only=args.only, report_only=args.report_only)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "experiments": cmd_experiments}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer", description="edgedance training, generation, experiments")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a model into a run folder")
+    t.add_argument("--config", action="append", help="JSON or INI override file (repeatable; later wins)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one field of TrainConfig")
+    t.add_argument("--out", help="run folder (default runs/<time>-<kind>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--minutes", type=float, help="wall-clock budget (same as --set minutes=N)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = sub.add_parser("generate", help="poses for an audio file with a Keras model")
+    g.add_argument("audio", help="WAV, MP3 or FLAC file")
+    g.add_argument("--out", required=True, help="output .npy: (T, 14, 2) float32 at 25 fps")
+    g.add_argument("--model", help="run or model folder (default models/default/keras)")
+    g.add_argument("--heading-out", help="also write the integrated heading (T,) radians here")
+    g.add_argument("--seed", type=int, default=0, help="noise seed (models with a noise input)")
+    e = sub.add_parser("experiments", help="the paper's studies, each run with the same budget")
+    e.add_argument("--suite", default="paper", help="suite name (paper, levers)")
+    e.add_argument("--minutes-per-run", type=float, default=4.0, help="wall-clock training budget per run")
+    e.add_argument("--out", default="runs/experiments", help="folder for the runs")
+    e.add_argument("--doc", default="docs/results/experiments.md", help="markdown report to write")
+    e.add_argument("--only", action="append", help="run only these experiment names (repeatable)")
+    e.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

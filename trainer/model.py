@@ -1,0 +1,524 @@
+"""The music-to-dance models: ours (causal LSTM encoder + attention + pose-feedback decoder)
+and the paper's baselines (CNN, AM, SA), all with the same inputs and outputs.
+
+Sequence model (training, whole chunks), inputs by name:
+  x        (B, T, F)   music features (raw; normalisation is a layer inside the model)
+  prev     (B, T, 28)  the ground-truth pose of the previous frame (teacher forcing)
+  tf_mask  (B, T, 1)   1 = feed the ground-truth previous pose, 0 = feed the model's own
+  noise    (B, T, N)   only when `noise_dims` > 0: a slowly varying random vector
+output `out` (B, T, 29): 28 pose values (14x2 keypoints, tanh) then the heading change
+(radians per frame; integrate it for the heading, the absolute yaw is arbitrary).
+
+Step model (streaming, one frame, for the converter and the device): inputs `x` (1, F),
+`noise` (1, N) if any, and the states; outputs `pose` (1, 28), `dheading` (1, 1) and the new
+states under the same names with `_out` appended. All-zero states are the start of a stream.
+It uses the same layer names as the sequence model, so weights copy by name
+(`copy_weights`), and only plain ops (LSTM cells called once, no while loop), so it
+converts to full-int8 TFLite.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+N_POSE = 28  # 14 keypoints x (x, y)
+N_OUT = N_POSE + 1  # + heading change per frame
+KINDS = ("ours", "cnn", "am", "sa")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Every hyper-parameter of a model. Saved with each run and used to rebuild it."""
+
+    kind: str = "ours"
+    """'ours' (LSTM encoder + attention + feedback decoder) or a paper baseline: 'cnn', 'am', 'sa'."""
+    layers: int = 3
+    """LSTM encoder layers (ours); conv layers (cnn); attention blocks (sa)."""
+    units: int = 256
+    """Width of every encoder layer (LSTM units, conv filters, attention model width)."""
+    lookback: int = 15
+    """Frames of encoder states the causal attention sees (t-lookback+1 .. t); CNN receptive field."""
+    attention: bool = True
+    """ours: attend over the last `lookback` encoder states (off: the decoder sees only the current one)."""
+    feedback: bool = True
+    """ours: feed the previous pose back into the decoder (scheduled sampling in training)."""
+    dec_units: int = 256
+    """ours: LSTM units of the decoder cell."""
+    noise_dims: int = 0
+    """ours: size of a slowly varying random input vector (0 = deterministic model)."""
+    dropout: float = 0.1
+    """Dropout between encoder layers and on the decoder input (training only)."""
+    heads: int = 4
+    """sa: attention heads."""
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"ModelConfig.kind={self.kind!r}: choose one of {KINDS}")
+        for name in ("layers", "units", "lookback", "dec_units"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: must be >= 1")
+        if self.noise_dims < 0:
+            raise ValueError(f"ModelConfig.noise_dims={self.noise_dims}: must be >= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ModelConfig.dropout={self.dropout}: must be in [0, 1)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, *, source: str = "model config") -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown model-config key(s) {unknown}; known keys are {sorted(known)}")
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------
+# Layers (imported lazily: `import trainer.model` must not pay for TensorFlow until used)
+
+
+def _keras():
+    import keras
+
+    return keras
+
+
+def _layers():
+    keras = _keras()
+    from keras import layers, ops
+
+    @keras.saving.register_keras_serializable("edgedance")
+    class FeatureNorm(layers.Layer):
+        """(x - mean) / std with the training set's statistics, frozen inside the model."""
+
+        def __init__(self, n_features, **kw):
+            super().__init__(**kw)
+            self.n_features = n_features
+            self.mean = self.add_weight(shape=(n_features,), initializer="zeros", trainable=False, name="mean")
+            self.inv_std = self.add_weight(shape=(n_features,), initializer="ones", trainable=False, name="inv_std")
+
+        def call(self, x):
+            return (x - self.mean) * self.inv_std
+
+        def get_config(self):
+            return {**super().get_config(), "n_features": self.n_features}
+
+    @keras.saving.register_keras_serializable("edgedance")
+    class CausalAttention(layers.Layer):
+        """Dot-product attention of h_t over h_t, h_{t-1}, .., h_{t-L+1} (zeros before the start),
+        plus a learned bias per lag. Sequence mode: call(h (B, T, U)) -> context (B, T, U), in
+        parallel over time (one shifted copy per lag). Step mode: call([h (B, U), buf (B, L, U)])
+        -> (context, new buf): the ring buffer holds the last L states, newest first."""
+
+        def __init__(self, units, lookback, step=False, **kw):
+            super().__init__(**kw)
+            self.units, self.lookback, self.step = units, lookback, step
+            self.wq = self.add_weight(shape=(units, units), initializer="glorot_uniform", name="wq")
+            self.bq = self.add_weight(shape=(units,), initializer="zeros", name="bq")
+            self.lag_bias = self.add_weight(shape=(lookback,), initializer="zeros", name="lag_bias")
+            self.scale = 1.0 / math.sqrt(units)
+
+        def call(self, inputs):
+            L = self.lookback
+            if self.step:
+                h, buf = inputs
+                window = ops.concatenate([h[:, None, :], buf[:, : L - 1, :]], axis=1)  # (B, L, U)
+                q = ops.matmul(h, self.wq) + self.bq  # (B, U)
+                scores = ops.sum(window * q[:, None, :], axis=-1) * self.scale + self.lag_bias  # (B, L)
+                alpha = ops.softmax(scores, axis=-1)
+                ctx = ops.sum(window * alpha[:, :, None], axis=1)  # (B, U)
+                return ctx, window
+            h = inputs  # (B, T, U)
+            q = ops.matmul(h, self.wq) + self.bq
+            T = ops.shape(h)[1]
+            shifted = []
+            for k in range(L):
+                if k == 0:
+                    shifted.append(h)
+                else:
+                    padded = ops.pad(h, [[0, 0], [k, 0], [0, 0]])
+                    shifted.append(padded[:, :T, :])
+            scores = ops.stack([ops.sum(s * q, axis=-1) for s in shifted], axis=-1) * self.scale + self.lag_bias
+            alpha = ops.softmax(scores, axis=-1)  # (B, T, L)
+            ctx = shifted[0] * alpha[:, :, 0:1]
+            for k in range(1, L):
+                ctx = ctx + shifted[k] * alpha[:, :, k : k + 1]
+            return ctx  # (B, T, U)
+
+        def get_config(self):
+            return {**super().get_config(), "units": self.units, "lookback": self.lookback, "step": self.step}
+
+    @keras.saving.register_keras_serializable("edgedance")
+    class DecoderCell(layers.Layer):
+        """One decoder step. Input per step: [music (M), ground-truth previous pose (28),
+        teacher-forcing mask (1), noise (N)]. State: LSTM h, c and the cell's own last pose,
+        stored minus the training mean pose (so the all-zero start state is the mean pose).
+        prev = mask * (gt_prev - mean) + (1 - mask) * own_prev."""
+
+        def __init__(self, units, music_dims, feedback=True, noise_dims=0, dropout=0.0, free_running=False, **kw):
+            super().__init__(**kw)
+            self.units, self.music_dims, self.feedback = units, music_dims, feedback
+            self.free_running = free_running  # step model: input is [music, noise] only, prev = own
+            self.noise_dims, self.dropout = noise_dims, dropout
+            self.lstm = layers.LSTMCell(units, name="dec_lstm")
+            self.pose_head = layers.Dense(N_POSE, activation="tanh", name="dec_pose")
+            self.heading_head = layers.Dense(1, name="dec_heading", kernel_initializer="zeros")
+            self.drop = layers.Dropout(dropout) if dropout > 0 else None
+            self.pose_mean = self.add_weight(shape=(N_POSE,), initializer="zeros", trainable=False, name="pose_mean")
+            self.state_size = [units, units, N_POSE]
+            self.output_size = N_OUT
+
+        def build(self, input_shape):
+            z = self.music_dims + self.noise_dims + (N_POSE if self.feedback else 0)
+            self.lstm.build((None, z))
+            self.pose_head.build((None, self.units))
+            self.heading_head.build((None, self.units))
+            self.built = True
+
+        def call(self, inputs, states, training=False):
+            h, c, own = states
+            M = self.music_dims
+            music = inputs[:, :M]
+            parts = [music]
+            if self.free_running:
+                if self.feedback:
+                    parts.append(own)
+                if self.noise_dims:
+                    parts.append(inputs[:, M:])
+            else:
+                if self.feedback:
+                    gt_prev = inputs[:, M : M + N_POSE]
+                    mask = inputs[:, M + N_POSE : M + N_POSE + 1]
+                    parts.append(mask * (gt_prev - self.pose_mean) + (1.0 - mask) * own)
+                if self.noise_dims:
+                    parts.append(inputs[:, M + N_POSE + 1 :])
+            z = ops.concatenate(parts, axis=-1) if len(parts) > 1 else music
+            if self.drop is not None:
+                z = self.drop(z, training=training)
+            out, (h2, c2) = self.lstm(z, [h, c], training=training)
+            pose = self.pose_head(out)
+            dh = self.heading_head(out)
+            return ops.concatenate([pose, dh], axis=-1), [h2, c2, pose - self.pose_mean]
+
+        def get_config(self):
+            return {**super().get_config(), "units": self.units, "music_dims": self.music_dims,
+                    "feedback": self.feedback, "noise_dims": self.noise_dims, "dropout": self.dropout,
+                    "free_running": self.free_running}
+
+    return FeatureNorm, CausalAttention, DecoderCell
+
+
+def _band_mask_layer():
+    keras = _keras()
+    from keras import layers, ops
+
+    @keras.saving.register_keras_serializable("edgedance")
+    class BandMask(layers.Layer):
+        """(B, T, T) boolean: frame i may attend to frames i-lookback+1 .. i."""
+
+        def __init__(self, lookback, **kw):
+            super().__init__(**kw)
+            self.lookback = lookback
+
+        def call(self, h):
+            T = ops.shape(h)[1]
+            i = ops.expand_dims(ops.arange(T, dtype="int32"), 1)
+            j = ops.expand_dims(ops.arange(T, dtype="int32"), 0)
+            band = ops.logical_and(j <= i, j > i - self.lookback)
+            return ops.broadcast_to(band[None], (ops.shape(h)[0], T, T))
+
+        def get_config(self):
+            return {**super().get_config(), "lookback": self.lookback}
+
+    return BandMask
+
+
+# ---------------------------------------------------------------------------------------
+# Builders
+
+
+def _seq_inputs(mcfg: ModelConfig, n_features: int):
+    keras = _keras()
+    x = keras.Input(shape=(None, n_features), name="x")
+    prev = keras.Input(shape=(None, N_POSE), name="prev")
+    mask = keras.Input(shape=(None, 1), name="tf_mask")
+    inputs = {"x": x, "prev": prev, "tf_mask": mask}
+    if mcfg.kind == "ours" and mcfg.noise_dims:
+        inputs["noise"] = keras.Input(shape=(None, mcfg.noise_dims), name="noise")
+    return inputs
+
+
+def build_sequence_model(mcfg: ModelConfig, n_features: int):
+    """The training model over whole sequences: inputs dict (see module doc) -> out (B, T, 29)."""
+    keras = _keras()
+    from keras import layers, ops
+
+    FeatureNorm, CausalAttention, DecoderCell = _layers()
+    if mcfg.kind == "ours" and mcfg.noise_dims and not mcfg.feedback:
+        raise ValueError("ModelConfig: noise_dims > 0 needs feedback=True (the noise enters with the fed-back pose)")
+    inputs = _seq_inputs(mcfg, n_features)
+    h = FeatureNorm(n_features, name="feat_norm")(inputs["x"])
+    if mcfg.kind == "ours":
+        for i in range(mcfg.layers):
+            h = layers.LSTM(mcfg.units, return_sequences=True, name=f"enc_lstm_{i}")(h)
+            if mcfg.dropout:
+                h = layers.Dropout(mcfg.dropout)(h)
+        parts = [h]
+        if mcfg.attention:
+            parts.append(CausalAttention(mcfg.units, mcfg.lookback, name="attention")(h))
+        music_dims = mcfg.units * len(parts)
+        if mcfg.feedback:
+            parts += [inputs["prev"], inputs["tf_mask"]]
+        if mcfg.noise_dims:
+            parts.append(inputs["noise"])
+        dec_in = layers.Concatenate(axis=-1)(parts) if len(parts) > 1 else parts[0]
+        cell = DecoderCell(mcfg.dec_units, music_dims, feedback=mcfg.feedback, noise_dims=mcfg.noise_dims,
+                           dropout=mcfg.dropout, name="decoder_cell")
+        out = layers.RNN(cell, return_sequences=True, name="decoder")(dec_in)
+    elif mcfg.kind == "cnn":
+        out = _cnn(mcfg, h)
+    elif mcfg.kind == "am":
+        out = _am(mcfg, h, CausalAttention)
+    else:
+        out = _sa(mcfg, h)
+    out = layers.Identity(name="out")(out)
+    return keras.Model(inputs, out, name=f"edgedance_{mcfg.kind}")
+
+
+def _head(h):
+    from keras import layers
+
+    pose = layers.Dense(N_POSE, activation="tanh", name="head_pose")(h)
+    dh = layers.Dense(1, name="head_heading", kernel_initializer="zeros")(h)
+    return layers.Concatenate(axis=-1)([pose, dh])
+
+
+def _cnn(mcfg, h):
+    """The paper's CNN: a stack of causal 1-D convolutions; receptive field about `lookback`."""
+    from keras import layers
+
+    k = max(2, min(mcfg.lookback, 5))
+    for i in range(mcfg.layers):
+        d = 1 if i == 0 else min(2**i, max(1, mcfg.lookback // k))
+        h = layers.Conv1D(mcfg.units, k, padding="causal", dilation_rate=d, activation="relu", name=f"conv_{i}")(h)
+        if mcfg.dropout:
+            h = layers.Dropout(mcfg.dropout)(h)
+    return _head(h)
+
+
+def _am(mcfg, h, CausalAttention):
+    """AM: attention only. A per-frame projection, causal attention over the last `lookback`
+    projected frames, then a small MLP to the pose; no recurrence."""
+    from keras import layers
+
+    h = layers.Dense(mcfg.units, activation="tanh", name="am_proj")(h)
+    ctx = CausalAttention(mcfg.units, mcfg.lookback, name="attention")(h)
+    z = layers.Concatenate(axis=-1)([h, ctx])
+    z = layers.Dense(mcfg.units, activation="relu", name="am_mlp")(z)
+    return _head(z)
+
+
+def _sa(mcfg, h):
+    """SA: causal self-attention (transformer blocks) over a band of the last `lookback` frames,
+    with a learned lag-free position signal from a causal conv."""
+    from keras import layers, ops
+
+    h = layers.Dense(mcfg.units, name="sa_proj")(h)
+    h = h + layers.Conv1D(mcfg.units, 3, padding="causal", name="sa_pos")(h)
+    band = _band_mask_layer()(mcfg.lookback, name="sa_band")(h)  # (B, T, T) causal band
+    for b in range(mcfg.layers):
+        a = layers.MultiHeadAttention(mcfg.heads, max(1, mcfg.units // mcfg.heads), dropout=mcfg.dropout,
+                                      name=f"sa_mha_{b}")(h, h, attention_mask=band)
+        h = layers.LayerNormalization(name=f"sa_ln1_{b}")(h + a)
+        f = layers.Dense(mcfg.units * 2, activation="relu", name=f"sa_ff1_{b}")(h)
+        f = layers.Dense(mcfg.units, name=f"sa_ff2_{b}")(f)
+        h = layers.LayerNormalization(name=f"sa_ln2_{b}")(h + f)
+    return _head(h)
+
+
+def step_state_specs(mcfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape without batch) of every state of the step model, in input order."""
+    if mcfg.kind != "ours":
+        raise ValueError(f"ModelConfig.kind={mcfg.kind!r}: only 'ours' has a streaming step model")
+    specs = []
+    for i in range(mcfg.layers):
+        specs += [(f"enc_h_{i}", (mcfg.units,)), (f"enc_c_{i}", (mcfg.units,))]
+    if mcfg.attention:
+        specs.append(("att_buf", (mcfg.lookback, mcfg.units)))
+    specs += [("dec_h", (mcfg.dec_units,)), ("dec_c", (mcfg.dec_units,)), ("prev_pose", (N_POSE,))]
+    return specs
+
+
+def build_step_model(mcfg: ModelConfig, n_features: int):
+    """One frame in, one pose out, every state in and out (see module doc). Batch size 1.
+    Inputs: x (1, F), [noise (1, N)], then the states of `step_state_specs`. Outputs (a dict):
+    pose (1, 28), dheading (1, 1), then `<state>_out` for every state."""
+    keras = _keras()
+    from keras import layers
+
+    FeatureNorm, CausalAttention, DecoderCell = _layers()
+    x = keras.Input(shape=(n_features,), batch_size=1, name="x")
+    inputs = {"x": x}
+    if mcfg.noise_dims:
+        inputs["noise"] = keras.Input(shape=(mcfg.noise_dims,), batch_size=1, name="noise")
+    for name, shape in step_state_specs(mcfg):
+        inputs[name] = keras.Input(shape=shape, batch_size=1, name=name)
+    outputs = {}
+    h = FeatureNorm(n_features, name="feat_norm")(x)
+    for i in range(mcfg.layers):
+        cell = layers.LSTMCell(mcfg.units, name=f"enc_lstm_{i}")
+        h, (hh, cc) = cell(h, [inputs[f"enc_h_{i}"], inputs[f"enc_c_{i}"]])
+        outputs[f"enc_h_{i}_out"], outputs[f"enc_c_{i}_out"] = hh, cc
+    parts = [h]
+    if mcfg.attention:
+        ctx, buf = CausalAttention(mcfg.units, mcfg.lookback, step=True, name="attention")([h, inputs["att_buf"]])
+        parts.append(ctx)
+        outputs["att_buf_out"] = buf
+    music_dims = mcfg.units * len(parts)
+    dec_parts = list(parts)
+    if mcfg.noise_dims:
+        dec_parts.append(inputs["noise"])
+    dec_in = layers.Concatenate(axis=-1)(dec_parts) if len(dec_parts) > 1 else dec_parts[0]
+    cell = DecoderCell(mcfg.dec_units, music_dims, feedback=mcfg.feedback, noise_dims=mcfg.noise_dims,
+                       free_running=True, name="decoder")
+    y, (dh_, dc_, own) = cell(dec_in, [inputs["dec_h"], inputs["dec_c"], inputs["prev_pose"]])
+    outputs["pose"] = layers.Identity(name="pose")(y[:, :N_POSE])
+    outputs["dheading"] = layers.Identity(name="dheading")(y[:, N_POSE:])
+    outputs["dec_h_out"], outputs["dec_c_out"] = dh_, dc_
+    outputs["prev_pose_out"] = own
+    return keras.Model(inputs, outputs, name="edgedance_step")
+
+
+def copy_weights(src, dst) -> int:
+    """Copy weights layer by layer, matched by name (the RNN 'decoder' of the sequence model
+    and the 'decoder' cell of the step model hold the same weights). Returns layers copied."""
+    n = 0
+    src_by_name = {l.name: l for l in src.layers}
+    for layer in dst.layers:
+        w = layer.get_weights()
+        if not w:
+            continue
+        s = src_by_name.get(layer.name)
+        if s is None:
+            raise ValueError(f"copy_weights: layer {layer.name!r} of {dst.name} has no namesake in {src.name}")
+        layer.set_weights(s.get_weights())
+        n += 1
+    return n
+
+
+def set_normalization(model, feat_mean, feat_std, pose_mean=None) -> None:
+    """Freeze the training set's feature statistics (and mean pose, for ours) into a model."""
+    std = np.maximum(np.asarray(feat_std, np.float32), 1e-3)
+    model.get_layer("feat_norm").set_weights([np.asarray(feat_mean, np.float32), 1.0 / std])
+    if pose_mean is not None:
+        names = {l.name for l in model.layers}
+        dec = model.get_layer("decoder") if "decoder" in names else None
+        if dec is not None:
+            w = dec.get_weights()
+            cell = dec.cell if hasattr(dec, "cell") else dec
+            idx = [i for i, v in enumerate(cell.weights) if v.path.endswith("pose_mean")]
+            assert len(idx) == 1, [v.path for v in cell.weights]
+            w[idx[0]] = np.asarray(pose_mean, np.float32).reshape(N_POSE)
+            dec.set_weights(w)
+
+
+def make_noise(T: int, dims: int, rng: np.random.Generator, smooth_frames: float = 25.0) -> np.ndarray:
+    """A slowly varying unit-variance random signal (T, dims): AR(1) with time constant
+    `smooth_frames` (25 frames = 1 s). The device draws it the same way."""
+    if dims == 0:
+        return np.zeros((T, 0), np.float32)
+    rho = math.exp(-1.0 / smooth_frames)
+    e = rng.standard_normal((T, dims)) * math.sqrt(1 - rho * rho)
+    z = np.empty((T, dims))
+    z[0] = rng.standard_normal(dims)
+    for t in range(1, T):
+        z[t] = rho * z[t - 1] + e[t]
+    return z.astype(np.float32)
+
+
+def run_free(model, mcfg: ModelConfig, x: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+    """Free-running generation with the sequence model over a whole song: x (T, F) ->
+    out (T, 29) (mask 0: the model feeds back its own poses)."""
+    T = x.shape[0]
+    feed = {"x": x[None].astype(np.float32), "prev": np.zeros((1, T, N_POSE), np.float32),
+            "tf_mask": np.zeros((1, T, 1), np.float32)}
+    if mcfg.kind == "ours" and mcfg.noise_dims:
+        if noise is None:
+            noise = make_noise(T, mcfg.noise_dims, np.random.default_rng(0))
+        feed["noise"] = noise[None].astype(np.float32)
+    return np.asarray(_compiled(model)(feed))[0]
+
+
+def _compiled(model):
+    """A traced inference function for the model (variable batch and length), cached on it."""
+    fn = getattr(model, "_edgedance_infer", None)
+    if fn is None:
+        import tensorflow as tf
+
+        fn = tf.function(lambda feed: model(feed, training=False), reduce_retracing=True)
+        model._edgedance_infer = fn
+    return fn
+
+
+def zero_states(mcfg: ModelConfig) -> dict[str, np.ndarray]:
+    return {name: np.zeros((1, *shape), np.float32) for name, shape in step_state_specs(mcfg)}
+
+
+def run_step_model(step, mcfg: ModelConfig, x: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+    """Drive a step model frame by frame over x (T, F); returns out (T, 29) like `run_free`."""
+    states = zero_states(mcfg)
+    outs = []
+    for t in range(x.shape[0]):
+        feed = {"x": x[t : t + 1].astype(np.float32), **states}
+        if mcfg.noise_dims:
+            feed["noise"] = noise[t : t + 1].astype(np.float32)
+        r = step(feed, training=False)
+        outs.append(np.concatenate([np.asarray(r["pose"]), np.asarray(r["dheading"])], axis=-1)[0])
+        states = {name: np.asarray(r[name + "_out"]) for name in states}
+    return np.stack(outs)
+
+
+# ---------------------------------------------------------------------------------------
+# Run folders
+
+
+def load_run(run_dir):
+    """(keras sequence model, ModelConfig, FeatureConfig, normalization dict) from a run folder
+    or a shipped model folder (model.weights.h5 + model_config.json + feature_config.json +
+    normalization.json)."""
+    from device.contract import FeatureConfig
+
+    run = pathlib.Path(run_dir)
+    need = ["model_config.json", "feature_config.json", "normalization.json", "model.weights.h5"]
+    missing = [n for n in need if not (run / n).exists()]
+    if missing:
+        raise FileNotFoundError(f"{run}: not a trained run/model folder, missing {missing} "
+                                f"(train one with `python -m trainer train --out {run}`)")
+    try:
+        mcfg = ModelConfig.from_dict(json.loads((run / "model_config.json").read_text()), source=str(run / "model_config.json"))
+        fcfg = FeatureConfig.from_dict(json.loads((run / "feature_config.json").read_text()), source=str(run / "feature_config.json"))
+        norm = json.loads((run / "normalization.json").read_text())
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"{run}: corrupt configuration file: {e}") from e
+    model = build_sequence_model(mcfg, int(norm["n_features"]))
+    try:
+        model.load_weights(str(run / "model.weights.h5"))
+    except Exception as e:  # h5py / keras raise many kinds
+        raise ValueError(f"{run / 'model.weights.h5'}: cannot load weights into {mcfg}: {e}") from e
+    return model, mcfg, fcfg, norm
+
+
+def step_model_from_run(run_dir):
+    """The streaming step model of a run, with its weights: (step_model, mcfg, fcfg, norm)."""
+    model, mcfg, fcfg, norm = load_run(run_dir)
+    step = build_step_model(mcfg, int(norm["n_features"]))
+    copy_weights(model, step)
+    return step, mcfg, fcfg, norm

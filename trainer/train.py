@@ -1,0 +1,517 @@
+"""Training on long sequences: chunks of `chunk_frames` (one LSTM step per frame) cut from
+every training dance at a random offset each epoch; scheduled sampling of the fed-back
+pose; validation free-running on held-out dances; checkpoint every epoch; resume; early
+stopping; a hard wall-clock budget. Everything needed to rebuild and judge the model goes
+into the run folder:
+
+  train_config.json  model_config.json  feature_config.json  feature_hash.txt
+  split.json  normalization.json  history.json  metrics.json  model.weights.h5 (best)
+  ckpt/last.weights.h5  ckpt/optimizer.npz  ckpt/state.json  plots/*.png, plots/*.gif
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import pathlib
+import time
+
+import numpy as np
+
+from trainer.config import TrainConfig, from_dict
+from trainer.model import N_POSE, ModelConfig, build_sequence_model, make_noise, run_free, set_normalization
+
+log = logging.getLogger(__name__)
+
+
+def configure_threads(n: int) -> None:
+    """TensorFlow on a small shared machine: n intra-op threads, one inter-op thread."""
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(int(n))
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # already initialised in this process (tests): keep what it has
+        pass
+
+
+# --- data ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Seq:
+    """One dance as training arrays."""
+
+    name: str
+    x: np.ndarray  # (T, F) float32 features
+    pose: np.ndarray  # (T, 28) float32
+    dheading: np.ndarray  # (T,) float32 radians per frame (0 at frame 0)
+
+
+def dance_to_seq(d) -> Seq:
+    x = np.asarray(d.features.x, np.float32)
+    T = min(len(x), len(d.poses))
+    pose = np.asarray(d.poses[:T], np.float32).reshape(T, N_POSE)
+    hd = np.asarray(d.heading[:T], np.float64)
+    dh = np.zeros(T, np.float32)
+    dh[1:] = np.angle(np.exp(1j * np.diff(hd)))  # wrapped to (-pi, pi]
+    return Seq(d.name, x[:T], pose, dh)
+
+
+def compute_normalization(train: list[Seq]) -> dict:
+    X = np.concatenate([s.x for s in train])
+    P = np.concatenate([s.pose for s in train])
+    V = np.concatenate([np.diff(s.pose, axis=0) for s in train])
+    A = np.concatenate([np.diff(s.pose, 2, axis=0) for s in train])
+    DH = np.concatenate([s.dheading for s in train])
+    return {
+        "n_features": int(X.shape[1]),
+        "feat_mean": X.mean(0).tolist(),
+        "feat_std": np.maximum(X.std(0), 1e-3).tolist(),
+        "pose_mean": P.mean(0).tolist(),
+        "pose_var": float(P.var(0).mean()),
+        "vel_var": float((V**2).mean()),
+        "acc_ms": float((A**2).mean()),
+        "dheading_std": float(max(DH.std(), 1e-4)),
+    }
+
+
+def epoch_chunks(seqs: list[Seq], C: int, B: int, rng: np.random.Generator) -> list[list[tuple[int, int]]]:
+    """Consecutive chunks of C frames from every dance at a random offset, shuffled, grouped
+    into batches of exactly B (the last batch is filled with random chunks)."""
+    items = []
+    for i, s in enumerate(seqs):
+        T = len(s.x)
+        if T <= C:
+            items.append((i, 0))
+            continue
+        off = int(rng.integers(0, C))
+        starts = list(range(off, T - C + 1, C)) or [0]
+        if off > 0 and off >= C // 2:
+            starts.insert(0, 0)  # the song's start matters too (the device starts from silence)
+        items += [(i, st) for st in starts]
+    order = rng.permutation(len(items))
+    items = [items[j] for j in order]
+    while len(items) % B:
+        items.append(items[int(rng.integers(0, len(items)))])
+    return [items[k:k + B] for k in range(0, len(items), B)]
+
+
+def make_batch(seqs, batch, C: int, p_tf: float, mcfg: ModelConfig, cfg: TrainConfig, rng):
+    """Arrays for one batch: dict of model inputs + targets (pose (B,C,28), dheading (B,C), valid (B,C))."""
+    B = len(batch)
+    F = seqs[0].x.shape[1]
+    x = np.zeros((B, C, F), np.float32)
+    pose = np.zeros((B, C, N_POSE), np.float32)
+    prev = np.zeros((B, C, N_POSE), np.float32)
+    dh = np.zeros((B, C), np.float32)
+    valid = np.zeros((B, C), np.float32)
+    for b, (i, st) in enumerate(batch):
+        s = seqs[i]
+        n = min(C, len(s.x) - st)
+        x[b, :n] = s.x[st:st + n]
+        pose[b, :n] = s.pose[st:st + n]
+        prev[b, 1:n] = s.pose[st:st + n - 1]
+        prev[b, 0] = s.pose[st - 1] if st > 0 else s.pose[0]
+        dh[b, :n] = s.dheading[st:st + n]
+        valid[b, :n] = 1.0
+        if n < C:  # pad by holding the last frame (masked out of the loss)
+            x[b, n:] = s.x[st + n - 1]
+            pose[b, n:] = pose[b, n - 1]
+            prev[b, n:] = pose[b, n - 1]
+    mask = (rng.random((B, C, 1)) < p_tf).astype(np.float32)
+    feed = {"x": x, "prev": prev, "tf_mask": mask}
+    if mcfg.kind == "ours" and mcfg.noise_dims:
+        feed["noise"] = np.stack([make_noise(C, mcfg.noise_dims, rng, cfg.noise_smooth_frames) for _ in range(B)])
+    return feed, {"pose": pose, "dheading": dh, "valid": valid}
+
+
+def tf_prob(cfg: TrainConfig, epoch: int) -> float:
+    """Teacher-forcing probability for an epoch (linear anneal)."""
+    if cfg.ss_epochs <= 0:
+        return cfg.ss_end
+    f = min(1.0, epoch / cfg.ss_epochs)
+    return float(cfg.ss_start + (cfg.ss_end - cfg.ss_start) * f)
+
+
+# --- losses ----------------------------------------------------------------------------
+
+def make_loss_fn(cfg: TrainConfig, norm: dict):
+    import tensorflow as tf
+
+    vel_var = max(norm["vel_var"], 1e-8)
+    acc_ms = max(norm["acc_ms"], 1e-8)
+    dh_var = max(norm["dheading_std"], 1e-4) ** 2
+
+    def loss_fn(out, tgt):
+        pose_p = out[..., :N_POSE]
+        dh_p = out[..., N_POSE]
+        pose_t, dh_t, valid = tgt["pose"], tgt["dheading"], tgt["valid"]
+        vmask = valid[..., None]
+        n = tf.reduce_sum(valid) * N_POSE + 1e-6
+        l_pose = tf.reduce_sum(tf.square(pose_p - pose_t) * vmask) / n
+        vp = pose_p[:, 1:] - pose_p[:, :-1]
+        vt = pose_t[:, 1:] - pose_t[:, :-1]
+        vv = (valid[:, 1:] * valid[:, :-1])[..., None]
+        nv = tf.reduce_sum(vv) * N_POSE + 1e-6
+        l_vel = tf.reduce_sum(tf.square(vp - vt) * vv) / nv / vel_var
+        ap = vp[:, 1:] - vp[:, :-1]
+        va = vv[:, 1:] * vv[:, :-1]
+        # Jitter: penalise only acceleration above ground truth's (per chunk), so it can still move.
+        acc_p = tf.reduce_sum(tf.square(ap) * va, axis=[1, 2]) / (tf.reduce_sum(va, axis=[1, 2]) * N_POSE + 1e-6)
+        at = vt[:, 1:] - vt[:, :-1]
+        acc_t = tf.reduce_sum(tf.square(at) * va, axis=[1, 2]) / (tf.reduce_sum(va, axis=[1, 2]) * N_POSE + 1e-6)
+        l_acc = tf.reduce_mean(tf.nn.relu(acc_p / (acc_t + 0.1 * acc_ms) - 1.0))
+        # Energy: mean joint speed per chunk, generated vs ground truth, on a log scale.
+        sp = tf.reduce_sum(tf.abs(vp) * vv, axis=[1, 2]) / (tf.reduce_sum(vv, axis=[1, 2]) * N_POSE + 1e-6)
+        st = tf.reduce_sum(tf.abs(vt) * vv, axis=[1, 2]) / (tf.reduce_sum(vv, axis=[1, 2]) * N_POSE + 1e-6)
+        eps = 0.05 * math.sqrt(vel_var)
+        l_energy = tf.reduce_mean(tf.square(tf.math.log(sp + eps) - tf.math.log(st + eps)))
+        l_head = tf.reduce_sum(tf.square(dh_p - dh_t) * valid) / (tf.reduce_sum(valid) + 1e-6) / dh_var
+        total = (cfg.w_pose * l_pose + cfg.w_vel * l_vel + cfg.w_acc * l_acc + cfg.w_energy * l_energy
+                 + cfg.w_heading * l_head)
+        return total, {"loss": total, "pose": l_pose, "vel": l_vel, "acc": l_acc, "energy": l_energy,
+                       "heading": l_head}
+
+    return loss_fn
+
+
+# --- quick validation metrics (the full ones come from trainer.evaluate at the end) -----
+
+def quick_metrics(pred: np.ndarray, gt: np.ndarray, pose_mean: np.ndarray) -> dict:
+    """pred, gt (T, 28). MSE, MSE of the mean pose, energy ratio (joint-speed std), jitter ratio
+    (mean absolute jerk)."""
+    def speed(p):
+        v = np.diff(p.reshape(len(p), 14, 2), axis=0)
+        return np.linalg.norm(v, axis=-1)  # (T-1, 14)
+
+    def jerk(p):
+        return np.abs(np.diff(p, 3, axis=0)).mean()
+
+    mse = float(np.mean((pred - gt) ** 2))
+    mse_mean = float(np.mean((pose_mean[None] - gt) ** 2))
+    e = float(speed(pred).std() / max(speed(gt).std(), 1e-9))
+    j = float(jerk(pred) / max(jerk(gt), 1e-9))
+    return {"mse": mse, "mse_meanpose": mse_mean, "energy_ratio": e, "jitter_ratio": j}
+
+
+def selection_score(m: dict) -> float:
+    """Lower is better: pose error relative to the mean pose, plus how far the motion energy is
+    from ground truth's (log), plus jitter above 1.5x ground truth (log)."""
+    return (m["mse"] / max(m["mse_meanpose"], 1e-9) + abs(math.log(max(m["energy_ratio"], 1e-3)))
+            + max(0.0, math.log(max(m["jitter_ratio"], 1e-3) / 1.5)))
+
+
+def validate(model, mcfg, val: list[Seq], max_frames: int, pose_mean: np.ndarray) -> dict:
+    per = []
+    for s in val:
+        T = len(s.x) if max_frames <= 0 else min(len(s.x), max_frames)
+        out = run_free(model, mcfg, s.x[:T])
+        per.append(quick_metrics(out[:, :N_POSE], s.pose[:T], pose_mean))
+    m = {k: float(np.mean([p[k] for p in per])) for k in per[0]}
+    m["score"] = selection_score(m)
+    return m
+
+
+# --- the loop --------------------------------------------------------------------------
+
+def _save_json(path: pathlib.Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def load_data(cfg: TrainConfig, fcfg, run: pathlib.Path | None = None):
+    """(train Dances, val Dances) by the config's split (or the run's split.json on resume)."""
+    from trainer import dataset
+
+    root = cfg.resolved_data_root()
+    if not root:
+        raise ValueError("no data: set data_root (--set data_root=DIR) or EDGEDANCE_DATA to the Music-to-Dance folder")
+    dances = dataset.load_dataset(root, fcfg, cfg.cache_dir or None)
+    if cfg.max_dances:
+        dances = dances[: cfg.max_dances]
+    split_file = run / "split.json" if run is not None else None
+    if split_file is not None and split_file.exists():
+        sp = json.loads(split_file.read_text())
+        by = {d.name: d for d in dances}
+        missing = sorted(set(sp["train"] + sp["val"]) - set(by))
+        if missing:
+            raise ValueError(f"{split_file}: dances {missing} are not in {root}")
+        return [by[n] for n in sp["train"]], [by[n] for n in sp["val"]]
+    return dataset.split_by_dance(dances, cfg.val_fraction, cfg.split_seed)
+
+
+def train(cfg: TrainConfig, out_dir, *, resume: bool = False, train_dances=None, val_dances=None,
+          fcfg=None, progress: bool = True) -> dict:
+    """Train one model into `out_dir`. Dances may be passed in (tests, experiments) or are
+    loaded from cfg.data_root. Returns the final metrics dict."""
+    from device.contract import DEFAULT_FEATURES, FeatureConfig
+
+    configure_threads(cfg.threads)
+    import keras
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    run = pathlib.Path(out_dir)
+    ckpt = run / "ckpt"
+    state_file = ckpt / "state.json"
+    if resume:
+        if not state_file.exists():
+            raise FileNotFoundError(f"--resume: {state_file} does not exist (no checkpoint in {run})")
+        saved = json.loads((run / "train_config.json").read_text())
+        budget = dict(minutes=cfg.minutes, epochs=cfg.epochs)
+        cfg = dataclasses.replace(from_dict(saved, str(run / "train_config.json")), **budget)
+        fcfg = FeatureConfig.from_dict(json.loads((run / "feature_config.json").read_text()))
+    elif state_file.exists():
+        raise FileExistsError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
+    fcfg = fcfg or DEFAULT_FEATURES
+    run.mkdir(parents=True, exist_ok=True)
+    ckpt.mkdir(exist_ok=True)
+    (run / "plots").mkdir(exist_ok=True)
+    mcfg = cfg.model_config()
+
+    if train_dances is None:
+        train_dances, val_dances = load_data(cfg, fcfg, run if resume else None)
+    train_seqs = [dance_to_seq(d) for d in train_dances]
+    val_seqs = [dance_to_seq(d) for d in val_dances]
+    norm = compute_normalization(train_seqs)
+    pose_mean = np.asarray(norm["pose_mean"], np.float32)
+    if not resume:
+        _save_json(run / "train_config.json", cfg.to_dict())
+        _save_json(run / "model_config.json", mcfg.to_dict())
+        _save_json(run / "feature_config.json", fcfg.to_dict())
+        (run / "feature_hash.txt").write_text(fcfg.config_hash() + "\n")
+        _save_json(run / "split.json", {"seed": cfg.split_seed, "val_fraction": cfg.val_fraction,
+                                        "train": [s.name for s in train_seqs], "val": [s.name for s in val_seqs]})
+        _save_json(run / "normalization.json", norm)
+
+    keras.utils.set_random_seed(cfg.seed)
+    model = build_sequence_model(mcfg, norm["n_features"])
+    set_normalization(model, norm["feat_mean"], norm["feat_std"], pose_mean)
+    n_params = int(model.count_params())
+    epochs_total = max(1, cfg.epochs)
+    C, B = cfg.chunk_frames, cfg.batch_size
+    steps_per_epoch = len(epoch_chunks(train_seqs, C, B, np.random.default_rng(0)))
+    schedule = keras.optimizers.schedules.CosineDecay(cfg.lr, epochs_total * steps_per_epoch,
+                                                      alpha=cfg.lr_final / cfg.lr)
+    opt = keras.optimizers.Adam(schedule, clipnorm=cfg.clipnorm)
+    opt.build(model.trainable_variables)
+    loss_fn = make_loss_fn(cfg, norm)
+
+    state = {"epoch": 0, "best_score": None, "best_epoch": -1, "bad_epochs": 0, "train_seconds": 0.0,
+             "history": []}
+    if resume:
+        state = json.loads(state_file.read_text())
+        model.load_weights(str(ckpt / "last.weights.h5"))
+        with np.load(ckpt / "optimizer.npz") as z:
+            for i, v in enumerate(opt.variables):
+                v.assign(z[f"v{i}"])
+        log.info("resumed %s at epoch %d (%.0f s trained)", run, state["epoch"], state["train_seconds"])
+
+    has_noise = mcfg.kind == "ours" and mcfg.noise_dims > 0
+    spec = {"x": tf.TensorSpec((B, C, norm["n_features"]), tf.float32),
+            "prev": tf.TensorSpec((B, C, N_POSE), tf.float32), "tf_mask": tf.TensorSpec((B, C, 1), tf.float32)}
+    if has_noise:
+        spec["noise"] = tf.TensorSpec((B, C, mcfg.noise_dims), tf.float32)
+    tspec = {"pose": tf.TensorSpec((B, C, N_POSE), tf.float32), "dheading": tf.TensorSpec((B, C), tf.float32),
+             "valid": tf.TensorSpec((B, C), tf.float32)}
+
+    @tf.function(input_signature=[spec, tspec], reduce_retracing=True)
+    def train_step(feed, tgt):
+        with tf.GradientTape() as tape:
+            out = model(feed, training=True)
+            total, parts = loss_fn(out, tgt)
+        grads = tape.gradient(total, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+        return parts
+
+    budget_s = cfg.minutes * 60.0
+    history = state["history"]
+    stop_reason = "epochs"
+    log.info("training %s: %d params, %d train / %d val dances, %d steps of %dx%d frames per epoch",
+             mcfg.kind, n_params, len(train_seqs), len(val_seqs), steps_per_epoch, B, C)
+    while state["epoch"] < epochs_total:
+        epoch = state["epoch"]
+        if state["train_seconds"] >= budget_s:
+            stop_reason = "time"
+            break
+        rng = np.random.default_rng([cfg.seed, epoch])
+        p_tf = tf_prob(cfg, epoch) if (mcfg.kind == "ours" and mcfg.feedback) else 0.0
+        batches = epoch_chunks(train_seqs, C, B, rng)
+        t0 = time.monotonic()
+        sums: dict[str, float] = {}
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs_total} tf={p_tf:.2f}", disable=not progress,
+                   leave=False, mininterval=2.0)
+        n_done = 0
+        for batch in bar:
+            feed, tgt = make_batch(train_seqs, batch, C, p_tf, mcfg, cfg, rng)
+            parts = train_step(feed, tgt)
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n_done += 1
+            bar.set_postfix(loss=f"{sums['loss'] / n_done:.4f}")
+            if state["train_seconds"] + time.monotonic() - t0 >= budget_s:
+                break
+        train_s = time.monotonic() - t0
+        state["train_seconds"] += train_s
+        rec = {"epoch": epoch + 1, "tf_prob": p_tf, "seconds": train_s, "steps": n_done,
+               **{f"train_{k}": v / max(n_done, 1) for k, v in sums.items()}}
+        t1 = time.monotonic()
+        annealed = epoch + 1 >= cfg.ss_epochs or not (mcfg.kind == "ours" and mcfg.feedback)
+        if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == epochs_total:
+            vm = validate(model, mcfg, val_seqs, cfg.val_max_frames, pose_mean)
+            rec.update({f"val_{k}": v for k, v in vm.items()})
+            rec["val_seconds"] = time.monotonic() - t1
+            better = state["best_score"] is None or vm["score"] < state["best_score"]
+            # Before annealing ends the model still leans on teacher forcing: keep the best,
+            # but only count patience once it runs free.
+            if better:
+                state["best_score"], state["best_epoch"] = vm["score"], epoch + 1
+                state["bad_epochs"] = 0
+                model.save_weights(str(run / "model.weights.h5"))
+            elif annealed:
+                state["bad_epochs"] += 1
+        history.append(rec)
+        state["epoch"] = epoch + 1
+        model.save_weights(str(ckpt / "last.weights.h5"))
+        np.savez(ckpt / "optimizer.npz", **{f"v{i}": np.asarray(v) for i, v in enumerate(opt.variables)})
+        _save_json(state_file, state)
+        _save_json(run / "history.json", history)
+        log.info("epoch %d: %s", epoch + 1, " ".join(f"{k}={v:.4g}" for k, v in rec.items()
+                                                     if isinstance(v, float) and k != "tf_prob"))
+        if state["bad_epochs"] >= cfg.patience:
+            stop_reason = "early stopping"
+            break
+        if state["train_seconds"] >= budget_s:
+            stop_reason = "time"
+            break
+    if not (run / "model.weights.h5").exists():
+        model.save_weights(str(run / "model.weights.h5"))
+    model.load_weights(str(run / "model.weights.h5"))
+    metrics = final_metrics(model, mcfg, val_dances, val_seqs, train_seqs, pose_mean, fcfg)
+    secs = [h["seconds"] for h in history if h.get("steps")]
+    metrics["training"] = {"stop_reason": stop_reason, "epochs": state["epoch"], "best_epoch": state["best_epoch"],
+                           "train_seconds": state["train_seconds"], "params": n_params,
+                           "seconds_per_epoch": float(np.median(secs)) if secs else None,
+                           "frames_per_epoch": int(sum(len(s.x) for s in train_seqs)),
+                           "train_dances": len(train_seqs), "val_dances": len(val_seqs)}
+    _save_json(run / "metrics.json", metrics)
+    try:
+        make_plots(run, history, model, mcfg, val_dances, val_seqs, fcfg)
+    except Exception as e:  # plots are a convenience; never lose a trained run to them
+        log.warning("plots failed: %s", e)
+    log.info("done (%s): best epoch %d, %.0f s", stop_reason, state["best_epoch"], state["train_seconds"])
+    return metrics
+
+
+def _evaluate_module():
+    try:
+        from trainer import evaluate
+        return evaluate
+    except ImportError:
+        return None
+
+
+def final_metrics(model, mcfg, val_dances, val_seqs, train_seqs, pose_mean, fcfg) -> dict:
+    """Held-out metrics on whole validation dances: quick ones always, and trainer.evaluate's
+    (BAS, period match, diversity, ...) when available."""
+    ev = _evaluate_module()
+    per, full, preds = {}, {}, []
+    for d, s in zip(val_dances, val_seqs):
+        out = run_free(model, mcfg, s.x)
+        pred = out[:, :N_POSE]
+        preds.append(pred.reshape(-1, 14, 2))
+        per[s.name] = quick_metrics(pred, s.pose, pose_mean)
+        if ev is not None:
+            try:
+                full[s.name] = {k: v for k, v in ev.evaluate(pred.reshape(-1, 14, 2), d).items()
+                                if isinstance(v, (int, float, bool, type(None)))}
+            except Exception as e:
+                log.warning("evaluate failed on %s: %s", s.name, e)
+    out = {"val_mean": {k: float(np.mean([p[k] for p in per.values()])) for k in next(iter(per.values()))},
+           "per_dance": per}
+    if ev is not None:
+        try:
+            out["baselines"] = baseline_metrics(val_dances, train_seqs, pose_mean, ev)
+        except Exception as e:
+            log.warning("baselines failed: %s", e)
+    out["val_mean"]["score"] = selection_score(out["val_mean"])
+    if full:
+        keys = sorted(set.intersection(*[set(v) for v in full.values()]))
+        out["evaluate_mean"] = {k: float(np.nanmean([float(v[k]) if v[k] is not None else np.nan
+                                                     for v in full.values()])) for k in keys}
+        out["evaluate_per_dance"] = full
+        try:
+            out["evaluate_mean"]["diversity"] = float(ev.diversity(preds))
+            out["evaluate_mean"]["diversity_gt"] = float(ev.diversity([d.poses for d in val_dances]))
+        except Exception as e:
+            log.warning("diversity failed: %s", e)
+    return out
+
+
+def _mean_of(rows: list[dict]) -> dict:
+    keys = sorted(set.intersection(*[set(r) for r in rows]))
+    return {k: float(np.nanmean([np.nan if r[k] is None else float(r[k]) for r in rows])) for k in keys
+            if all(isinstance(r[k], (int, float, type(None))) for r in rows)}
+
+
+def baseline_metrics(val_dances, train_seqs, pose_mean, ev) -> dict:
+    """trainer.evaluate of the mean pose and of another song's real dance on the held-out dances."""
+    from trainer import baselines
+
+    class _D:  # the training dances as baselines.other_song needs them
+        def __init__(self, s):
+            self.name, self.poses, self.style = s.name, s.pose.reshape(-1, 14, 2), s.name.split("_")[1] if s.name.count("_") >= 2 else "?"
+            self.n_frames = len(self.poses)
+
+    pool = [_D(s) for s in train_seqs]
+    mean_rows, other_rows, other_preds = [], [], []
+    for i, d in enumerate(val_dances):
+        mp = np.repeat(pose_mean.reshape(1, 14, 2), len(d.poses), axis=0)
+        mean_rows.append(ev.evaluate(mp, d))
+        op, _ = baselines.other_song(d, pool, seed=i)
+        other_preds.append(op)
+        other_rows.append(ev.evaluate(op, d))
+    out = {"mean_pose": _mean_of(mean_rows), "other_song": _mean_of(other_rows)}
+    if len(other_preds) >= 2:
+        out["other_song"]["diversity"] = float(ev.diversity(other_preds))
+    return out
+
+
+def make_plots(run: pathlib.Path, history, model, mcfg, val_dances, val_seqs, fcfg) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    for k in ("train_loss", "train_pose", "train_vel", "train_energy"):
+        if history and k in history[0]:
+            ax[0].plot(ep, [h[k] for h in history], label=k)
+    ax[0].set_yscale("log")
+    ax[0].set_xlabel("epoch")
+    ax[0].legend(fontsize=7)
+    for k in ("val_mse", "val_mse_meanpose", "val_energy_ratio", "val_jitter_ratio", "val_score"):
+        pts = [(h["epoch"], h[k]) for h in history if k in h]
+        if pts:
+            ax[1].plot(*zip(*pts), label=k)
+    ax[1].set_xlabel("epoch")
+    ax[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(run / "plots" / "loss.png", dpi=90)
+    plt.close(fig)
+    if not val_seqs:
+        return
+    s, d = val_seqs[0], val_dances[0]
+    T = min(len(s.x), 250)
+    pred = run_free(model, mcfg, s.x[:T])[:, :N_POSE].reshape(-1, 14, 2)
+    try:
+        from trainer import plots
+    except ImportError:
+        return
+    rows = {f"generated ({s.name}, held out)": pred, "ground truth": d.poses[:T]}
+    plots.stick_strip(rows, run / "plots" / "strip.png", n=12)
+    plots.animate_gif(rows, run / "plots" / "val.gif", max_frames=T)
