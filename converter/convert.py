@@ -17,6 +17,11 @@ Two decisions shape the converted graph:
   `device.features` makes them: every column a fixed affine map of an integer quantity,
   clipped to [-1, 1]. For int8 the converter then pins the input's quantization to
   scale 1/127, zero point 0 (`fix_input_quantization`), so q = round(127 x) exactly.
+* States round-trip as integers. Each state input gets the quantization of the output that
+  is fed back into it (`tie_state_quantization`), so the device copies the integers back
+  as they are. Not for states that enter a concatenation (the attention buffer, the
+  previous pose): XNNPACK refuses a concatenation whose inputs have different scales; the
+  device re-quantizes those through a lookup table.
 * The graph is saved from a frozen concrete function. Keras 3 variables otherwise
   stay resource variables in the .tflite and the int8 calibrator fails on READ_VARIABLE.
   Signature outputs are then named output_0.. in the order of `StepSignature.outputs`.
@@ -242,29 +247,67 @@ def folded_clone(models: KerasModels):
 FIXED_INPUT_SCALE = 1.0 / 127  # device.features: every column in [-1, 1] -> q = round(127 x)
 
 
-def fix_input_quantization(blob: bytes, input_name: str = FEATURE_INPUT, scale: float = FIXED_INPUT_SCALE,
-                           zero_point: int = 0) -> bytes:
-    """Pin an int8 input's quantization to a fixed (scale, zero point). Exact, not approximate:
-    every TFLite kernel reads its input's scale at prepare time, so the first op simply
-    rescales from the new scale. Only for ranges the new scale covers ([-1, 1] here)."""
+def _retune_quantization(blob: bytes, plan) -> bytes:
+    """Rewrite the quantization of signature input tensors. plan(model, subgraph, inputs, outputs) returns
+    {input tensor index: (scale, zero point)}, given name -> tensor index maps.
+
+    Exact, not approximate: every TFLite kernel reads its operands' scales when it is
+    prepared, so the ops consuming an input simply rescale from the new scale. Valid when
+    the new scale still covers the input's range."""
+    import flatbuffers
     from tensorflow.lite.python import schema_py_generated as schema
 
     model = schema.ModelT.InitFromPackedBuf(bytearray(blob), 0)
     sg = model.subgraphs[0]
     sig = model.signatureDefs[0]
-    idx = next((t.tensorIndex for t in sig.inputs if t.name.decode() == input_name), None)
-    if idx is None:
-        raise ConversionError(f"fix_input_quantization: no signature input {input_name!r}")
-    q = sg.tensors[idx].quantization
-    if q is None or q.scale is None or len(q.scale) != 1:
-        raise ConversionError(f"fix_input_quantization: input {input_name!r} is not per-tensor quantized")
-    log.info("input %s: quantization (%.6g, %d) -> (%.6g, %d)", input_name, q.scale[0], q.zeroPoint[0], scale, zero_point)
-    q.scale, q.zeroPoint = [float(scale)], [int(zero_point)]
-    import flatbuffers
-
+    inputs = {t.name.decode(): t.tensorIndex for t in sig.inputs}
+    outputs = {t.name.decode(): t.tensorIndex for t in sig.outputs}
+    for idx, (scale, zp) in plan(model, sg, inputs, outputs).items():
+        q = sg.tensors[idx].quantization
+        if q is None or q.scale is None or len(q.scale) != 1:
+            raise ConversionError(f"tensor {sg.tensors[idx].name!r} is not per-tensor quantized")
+        log.debug("tensor %s: quantization (%.6g, %d) -> (%.6g, %d)", sg.tensors[idx].name,
+                  q.scale[0], q.zeroPoint[0], scale, zp)
+        q.scale, q.zeroPoint = [float(scale)], [int(zp)]
     b = flatbuffers.Builder(len(blob) + 1024)
     b.Finish(model.Pack(b), file_identifier=b"TFL3")
     return bytes(b.Output())
+
+
+def fix_input_quantization(blob: bytes, input_name: str = FEATURE_INPUT, scale: float = FIXED_INPUT_SCALE,
+                           zero_point: int = 0) -> bytes:
+    """Pin an int8 input's quantization to a fixed (scale, zero point): for the features,
+    1/127 and 0, the features' own [-1, 1] map."""
+    def plan(model, sg, inputs, outputs):
+        if input_name not in inputs:
+            raise ConversionError(f"fix_input_quantization: no signature input {input_name!r}")
+        return {inputs[input_name]: (scale, zero_point)}
+    return _retune_quantization(blob, plan)
+
+
+def tie_state_quantization(blob: bytes, sig: StepSignature) -> bytes:
+    """Give every state input the quantization of the state output fed back into it, so the
+    device copies the integers back unchanged: no re-quantization step and no extra rounding
+    per frame. The calibrator sees inputs and outputs of the same distribution, so the
+    ranges (and scales) differ by a few percent only."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    keys = {name: key for key, name in output_names(sig).items()}
+
+    def plan(model, sg, inputs, outputs):
+        concat_inputs = set()
+        for op in sg.operators:
+            code = model.operatorCodes[op.opcodeIndex]
+            if max(code.builtinCode, code.deprecatedBuiltinCode) == schema.BuiltinOperator.CONCATENATION:
+                concat_inputs.update(int(i) for i in op.inputs)
+        out = {}
+        for a, b in sig.states:
+            if inputs[a] in concat_inputs:
+                continue  # XNNPACK (and the quantizer) want one scale across a concatenation's inputs
+            q = sg.tensors[outputs[keys[b]]].quantization
+            out[inputs[a]] = (q.scale[0], q.zeroPoint[0])
+        return out
+    return _retune_quantization(blob, plan)
 
 
 def to_tflite(models: KerasModels, mode: str, samples: list[dict] | None = None, fixed_input: bool = True) -> bytes:
@@ -308,10 +351,32 @@ def to_tflite(models: KerasModels, mode: str, samples: list[dict] | None = None,
                 blob = conv.convert()
         except Exception as e:  # the converter raises ConverterError, RuntimeError, ValueError...
             raise ConversionError(f"TFLite conversion ({mode}) of {models.source or 'the step model'} failed: {e}") from e
+    if mode in ("int8", "int16x8"):
+        blob = tie_state_quantization(blob, sig)
     if mode == "int8" and fixed_input:
         blob = fix_input_quantization(blob)
     log.info("converted %s: %d bytes", mode, len(blob))
     return bytes(blob)
+
+
+def window_tflite(models: KerasModels, frames: int = 15) -> bytes:
+    """The float sequence model over a fixed window of `frames` (the non-streaming way: re-run the
+    last `frames` frames every frame). For the benchmark only. Inputs x (1, T, F), prev, tf_mask."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    F = models.signature.n_features
+    specs = {"x": (1, frames, F), "prev": (1, frames, 28), "tf_mask": (1, frames, 1)}
+    seq = models.sequence
+
+    @tf.function(input_signature=[tf.TensorSpec(s, tf.float32, name=n) for n, s in specs.items()])
+    def serve(x, prev, tf_mask):
+        return [seq({"x": x, "prev": prev, "tf_mask": tf_mask}, training=False)]
+
+    frozen = convert_variables_to_constants_v2(serve.get_concrete_function())
+    with tempfile.TemporaryDirectory(prefix="edgedance-window-") as tmp:
+        tf.saved_model.save(tf.Module(), tmp, signatures={"serving_default": frozen})
+        return bytes(tf.lite.TFLiteConverter.from_saved_model(tmp).convert())
 
 
 def output_names(sig: StepSignature) -> dict[str, str]:

@@ -53,6 +53,7 @@ TEMPO_EVERY = 10         # hops between tempo read-outs (0.1 s)
 TEMPO_WARMUP_S = 2.5     # no tempo (bpm 0, no beats) before this much audio
 PRIOR_BPM = 110.0        # centre of the log-Gaussian tempo prior (ballroom/pop median)
 PRIOR_OCTAVES = 0.8      # its standard deviation in octaves
+OCTAVE_UP_RATIO = 0.85   # double-time wins if its autocorrelation peak is 85 % of the slow one's (0 = off)
 TEMPO_SWITCH = 0.10      # a different tempo must score 10 % better than the current one
 TEMPO_FOLLOW = 0.05      # the current tempo follows its peak within +-5 %
 CUM_ALPHA = 0.9          # weight of the past in the cumulative beat score
@@ -102,6 +103,9 @@ class BeatTracker:
         # Comb read-out: for harmonic k the max over lags k*L-(k-1) .. k*L+(k-1).
         self.comb_idx = [k * lags[:, None] + np.arange(-(k - 1), k)[None, :] for k in range(1, N_HARMONICS + 1)]
         bpm = 60.0 * fr / lags
+        # octave pairs (L, 2L) inside the lag range, as indices into lags
+        fast = lags[2 * lags <= self.max_lag]
+        self.oct_fast, self.oct_slow = fast - self.min_lag, 2 * fast - self.min_lag
         self.log_prior = -0.5 * (np.log2(bpm / PRIOR_BPM) / PRIOR_OCTAVES) ** 2  # (n_lags,)
         self.cum_len = 2 * self.max_lag + 2  # cumulative-score history reaches back 2 periods
         self.hist_len = self.acf_len + 1
@@ -237,6 +241,14 @@ class BeatTracker:
         if peak <= 0:
             return
         s = np.log(np.maximum(s / peak, 1e-6)) + self.log_prior  # log score
+        if OCTAVE_UP_RATIO > 0:
+            # Octave check: a slow candidate 2L whose double-time L has an autocorrelation peak
+            # nearly as strong (every beat alike, e.g. 180 BPM read as 90) scores no more than L.
+            pk = np.maximum(a[self.lags - 1], np.maximum(a[self.lags], a[self.lags + 1]))  # (n_lags,)
+            fast = self.oct_fast
+            slow = self.oct_slow
+            up = pk[fast] >= OCTAVE_UP_RATIO * pk[slow]
+            s[slow[up]] = np.minimum(s[slow[up]], s[fast[up]] - 1e-3)
         best = int(np.argmax(s))
         if self.period > 0:
             lo = np.searchsorted(self.lags, self.period * (1 - TEMPO_FOLLOW))

@@ -20,7 +20,7 @@ STATES = ("online", "paused", "stopped", "offline")
 COMMANDS = ("start", "stop", "pause", "select_bundle", "latency")
 MAX_PAYLOAD = 64 * 1024
 MAX_FEATURE_ROWS = 256  # offload: context + new frames in one features message
-DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+DEVICE_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 
 BINARY_MAGIC = 0xED
 BINARY_POSE = struct.Struct("<BBBBIdfffHHBBHh28h")  # 94 bytes, layout in docs/protocol.md
@@ -156,7 +156,7 @@ def _str(m: dict, key: str, where: str, choices=None):
 def validate(msg: dict) -> dict:
     if not isinstance(msg, dict):
         raise ProtocolError(f"message must be an object, got {type(msg).__name__}")
-    if msg.get("v") != SCHEMA_VERSION:
+    if msg.get("v") != SCHEMA_VERSION or isinstance(msg.get("v"), bool):
         raise ProtocolError(f"field 'v' is {msg.get('v')!r:.20}; this decoder speaks schema {SCHEMA_VERSION}")
     kind = _str(msg, "type", "message", KINDS)
     where = f"{kind} message"

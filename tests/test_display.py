@@ -119,7 +119,7 @@ class Page:
 @pytest.fixture
 def page(browser, server):
     p = Page(browser, server.url + "?device=pi1")
-    p.wait("window.edgedance && window.edgedance.stats.connected")
+    p.wait("window.edgedance && window.edgedance.stats.subscribed")
     yield p
     assert not p.errors, f"JavaScript errors on the page: {p.errors}"
     p.close()
@@ -282,6 +282,25 @@ def test_device_status_online_and_offline(browser, server, device):
 
 
 @pytest.mark.browser
+def test_all_devices_with_a_selector(browser, server, broker):
+    p = Page(browser, server.url + "?device=%2B")
+    pi2 = broker.client("device-pi2")
+    try:
+        p.wait("window.edgedance.stats.subscribed")
+        assert p.page.evaluate("window.edgedance.config.topics[0]") == "edgedance/v1/+/pose"
+        publish(pi2, "pose", protocol.encode_json(pose_msg(1, POSES[12], device="pi2")), device="pi2")
+        p.wait("window.edgedance.stats.poses >= 1")
+        options = p.page.eval_on_selector_all("#device option", "os => os.map(o => o.value)")
+        assert options == ["", "pi2"]
+        p.page.select_option("#device", "pi2")
+        assert p.page.evaluate("window.edgedance.devices.get('pi2').pose.device") == "pi2"
+    finally:
+        pi2.disconnect()
+        pi2.loop_stop()
+        p.close()
+
+
+@pytest.mark.browser
 def test_js_decoder_agrees_with_python(page):
     cases = decoder_corpus()
     got = page.page.evaluate("""cases => cases.map(([topic, b64]) => {
@@ -319,7 +338,7 @@ def test_reconnects_when_the_broker_comes_back(browser, tmp_path):
         with DisplayServer(config) as s:
             p = Page(browser, s.url)
             try:
-                p.wait("window.edgedance.stats.connected")
+                p.wait("window.edgedance.stats.subscribed")
                 b.stop()
                 p.wait("!window.edgedance.stats.connected")
                 assert p.text("broker-badge") in ("broker: reconnecting", "broker: disconnected")
@@ -327,7 +346,7 @@ def test_reconnects_when_the_broker_comes_back(browser, tmp_path):
                 log = open(tmp_path / "again.log", "wb")
                 proc = subprocess.Popen([mosquitto_path(), "-c", str(b.conf)], stdout=log, stderr=subprocess.STDOUT)
                 try:
-                    p.wait("window.edgedance.stats.connected && window.edgedance.stats.connects >= 2", timeout=15000)
+                    p.wait("window.edgedance.stats.subscribed && window.edgedance.stats.connects >= 2", timeout=15000)
                     dev = _paho_client(b, "device-pi1")
                     try:
                         publish(dev, "pose", protocol.encode_json(pose_msg(1, POSES[3])))
@@ -348,7 +367,7 @@ def test_screenshot(browser, server, device):
     publish(device, "status", status_msg("online"), retain=True)
     p = Page(browser, server.url + "?device=pi1")
     try:
-        p.wait("window.edgedance.stats.connected")
+        p.wait("window.edgedance.stats.subscribed")
         p.wait("document.getElementById('device-badge').textContent === 'device: online'")
         publish(device, "metrics", protocol.encode_json({
             "v": 1, "type": "metrics", "device": "pi1", "seq": 1, "t": time.time(), "latency_ms_p50": 21.4,

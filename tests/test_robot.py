@@ -346,17 +346,18 @@ def test_follower_over_mqtt(broker, fmt):
         time.sleep(0.2)
         dev.publish(protocol.topic("pi1", "pose"), b'{"v": 1, "type": "pose"}', qos=1).wait_for_publish(5)
         _publish_live(dev, msgs, fmt)
-        cut = time.monotonic()
+        cut = time.time()  # the follower's clock
         time.sleep(CFG.watchdog_s + CFG.glide_s + 0.3)
         counts = dict(f.counts)
     dev.disconnect()
     assert counts["accepted"] >= len(msgs) - 2 and counts["malformed"] == 1, counts
-    offset = bus.trace[0][0]
+    start = bus.trace[0][0]
     for j in CFG.joints:
         t, servo = bus.series(j.channel)
         angle = j.from_servo(servo)
         assert np.all(angle >= j.min - 1e-9) and np.all(angle <= j.max + 1e-9)
-        assert np.ptp(angle[(t > offset + 0.5) & (t < cut)]) > 0 or j.name not in ("r_shoulder_roll",)
+        if j.name == "r_shoulder_roll":
+            assert np.ptp(angle[(t > start + 0.5) & (t < cut)]) > 30, "the arm should dance while frames arrive"
         assert np.allclose(angle[t > cut + CFG.watchdog_s + CFG.glide_s + 0.1], j.neutral), j.name
 
 

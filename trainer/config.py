@@ -92,6 +92,9 @@ class TrainConfig:
     val_max_frames: int = 1500
     """Frames per held-out dance used for per-epoch validation (0 = whole dance)."""
 
+    gif_frames: int = 250
+    """Frames of the held-out generated-vs-ground-truth GIF in plots/ (0 = no GIF)."""
+
     def model_config(self) -> ModelConfig:
         names = {f.name for f in dataclasses.fields(ModelConfig)}
         return ModelConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})

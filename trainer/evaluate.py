@@ -159,14 +159,15 @@ def music_periods(features, start: int, stop: int) -> tuple[float, float]:
     return beat, beat * round(beats_per_bar)
 
 
-def period_matches(period: float, beat: float, bar: float, tol: float = PERIOD_TOL) -> bool:
+def period_matches(period: float, beat: float, bar: float, tol: float | None = None) -> bool:
+    tol = PERIOD_TOL if tol is None else tol
     if not (np.isfinite(period) and np.isfinite(beat)):
         return False
     cands = [beat * m for m in (0.5, 1.0, 2.0)] + ([bar * m for m in (0.5, 1.0, 2.0)] if np.isfinite(bar) else [])
     return any(abs(period / c - 1.0) <= tol for c in cands)
 
 
-def period_match(poses, features, fps: float = FPS, tol: float = PERIOD_TOL) -> dict:
+def period_match(poses, features, fps: float = FPS, tol: float | None = None) -> dict:
     """Fraction of windows whose dominant motion period matches the song's beat or bar period."""
     sig = motion_signals(poses, fps)
     n = len(next(iter(sig.values())))
@@ -270,55 +271,76 @@ def tempo_response(generate_fn, dance, rates=TEMPO_RATES, fps: float = FPS) -> d
 
 # --- validation of the period measures on real data -------------------------------------------
 
-def validate(dances, seeds=(0, 1, 2)) -> dict:
-    """Period match and BAS of ground truth vs real dance from another song (same style when
-    possible, never one sharing motion), per dance. Returns {dance name: row}."""
+def validate(dances) -> dict:
+    """Period match and BAS of each dance's ground truth vs the real motion of every other dance
+    (looped/trimmed to length) against *this* song's beats: the other-song baseline, averaged over
+    all same-style and all other-style sources; dances sharing captured motion are excluded.
+    Returns {dance name: row}."""
     from trainer import baselines
     from trainer.dataset import shared_motion_groups
 
     groups = shared_motion_groups(dances)
+    group_of = {n: set(g) for g in groups for n in g}
     rows = {}
     for d in dances:
         gt = period_match(d.poses, d.features)
-        others = [baselines.other_song(d, dances, seed=s, groups=groups) for s in seeds]
-        om = [period_match(p, d.features) for p, _ in others]
-        rows[d.name] = {
-            "style": d.style, "frames": d.n_frames,
-            "bpm": float(np.median(d.features.bpm[d.features.bpm > 0])) if np.any(d.features.bpm > 0) else float("nan"),
-            "meter": int(d.features.meter[d.features.meter > 0][-1]) if np.any(d.features.meter > 0) else 0,
-            "gt_hip": gt["hip_height"], "gt_speed": gt["speed"], "gt": gt["mean"],
-            "other_hip": float(np.mean([m["hip_height"] for m in om])),
-            "other_speed": float(np.mean([m["speed"] for m in om])),
-            "other": float(np.mean([m["mean"] for m in om])),
-            "bas_gt": bas(d.poses, d.features.beat_times),
-            "bas_other": float(np.mean([bas(p, d.features.beat_times) for p, _ in others])),
-            "other_sources": [n for _, n in others],
-        }
+        res = {"same": [], "cross": []}
+        for o in dances:
+            if o.name in group_of[d.name]:
+                continue
+            p = baselines.loop_to_length(o.poses, d.n_frames)
+            res["same" if o.style == d.style else "cross"].append(
+                (period_match(p, d.features), bas(p, d.features.beat_times)))
+        known = d.features.bpm > 0
+        row = {"style": d.style, "frames": d.n_frames,
+               "bpm": float(np.median(d.features.bpm[known])) if np.any(known) else float("nan"),
+               "meter": int(d.features.meter[d.features.meter > 0][-1]) if np.any(d.features.meter > 0) else 0,
+               "gt_hip": gt["hip_height"], "gt_speed": gt["speed"], "gt": gt["mean"],
+               "bas_gt": bas(d.poses, d.features.beat_times)}
+        for k, rs in res.items():
+            row[f"n_{k}"] = len(rs)
+            for sig in ("hip_height", "speed", "mean"):
+                row[f"{k}_{sig}"] = float(np.nanmean([r[0][sig] for r in rs])) if rs else float("nan")
+            row[f"bas_{k}"] = float(np.mean([r[1] for r in rs])) if rs else float("nan")
+        rows[d.name] = row
     return rows
 
 
 def validation_markdown(rows: dict, command: str) -> str:
     from trainer.dataset import STYLES
 
-    lines = ["## Per style (mean over dances)", "",
-             "| style | dances | period match GT (hip / speed / mean) | other song (hip / speed / mean) | BAS GT | BAS other |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    def f(v, fmt=".2f"):
+        return "-" if not np.isfinite(v) else format(v, fmt)
+
+    lines = ["## Period match per style (mean over dances)", "",
+             "Fraction of 9 s windows whose dominant motion period matches this song's beat or bar period "
+             f"(or x2, x0.5) within {PERIOD_TOL:.0%}; hip = hip height above the ankles, speed = summed joint speed.",
+             "",
+             "| style | dances | ground truth (hip / speed / **mean**) | other song, same style | other song, other style | BAS GT | BAS other (same / other style) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     styles = sorted({r["style"] for r in rows.values()}) + ["all"]
     for st in styles:
         rs = [r for r in rows.values() if st == "all" or r["style"] == st]
-        m = {k: float(np.nanmean([r[k] for r in rs])) for k in
-             ("gt_hip", "gt_speed", "gt", "other_hip", "other_speed", "other", "bas_gt", "bas_other")}
-        lines.append(f"| {STYLES.get(st, st)} | {len(rs)} | {m['gt_hip']:.2f} / {m['gt_speed']:.2f} / **{m['gt']:.2f}** "
-                     f"| {m['other_hip']:.2f} / {m['other_speed']:.2f} / **{m['other']:.2f}** "
-                     f"| {m['bas_gt']:.3f} | {m['bas_other']:.3f} |")
-    gt_better = sum(r["gt"] > r["other"] for r in rows.values())
-    lines += ["", f"Ground truth matches more often than the other-song dance in {gt_better} of {len(rows)} dances.",
+
+        def m(k):
+            return float(np.nanmean([r[k] for r in rs])) if any(np.isfinite(r[k]) for r in rs) else float("nan")
+        lines.append(
+            f"| {STYLES.get(st, st)} | {len(rs)} | {f(m('gt_hip'))} / "
+            f"{f(m('gt_speed'))} / **{f(m('gt'))}** "
+            f"| {f(m('same_hip_height'))} / {f(m('same_speed'))} / **{f(m('same_mean'))}** "
+            f"| {f(m('cross_hip_height'))} / {f(m('cross_speed'))} / **{f(m('cross_mean'))}** "
+            f"| {f(m('bas_gt'), '.3f')} | {f(m('bas_same'), '.3f')} / {f(m('bas_cross'), '.3f')} |")
+    n_same = sum(np.isfinite(r["same_mean"]) for r in rows.values())
+    gt_vs_same = sum(r["gt"] > r["same_mean"] for r in rows.values() if np.isfinite(r["same_mean"]))
+    gt_vs_cross = sum(r["gt"] > r["cross_mean"] for r in rows.values() if np.isfinite(r["cross_mean"]))
+    lines += ["", f"Ground truth matches more often than the mean other-song dance of the same style in "
+              f"{gt_vs_same} of {n_same} dances, than that of another style in {gt_vs_cross} of {len(rows)}.",
               "", "## Per dance", "",
-              "| dance | tracker bpm | meter | period match GT | other song | BAS GT | BAS other | other-song sources |",
+              "| dance | tracker bpm | meter | period match GT | other song same style (n) | other style (n) | BAS GT | BAS other same style |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['bpm']:.1f} | {r['meter']} | {r['gt']:.2f} | {r['other']:.2f} | "
-                     f"{r['bas_gt']:.3f} | {r['bas_other']:.3f} | {', '.join(r['other_sources'])} |")
+        lines.append(f"| {name} | {f(r['bpm'], '.1f')} | {r['meter']} | {f(r['gt'])} | {f(r['same_mean'])} ({r['n_same']}) "
+                     f"| {f(r['cross_mean'])} ({r['n_cross']}) | {f(r['bas_gt'], '.3f')} | {f(r['bas_same'], '.3f')} |")
     lines += ["", f"Produced by: `{command}`", ""]
     return "\n".join(lines)
 

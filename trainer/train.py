@@ -399,7 +399,7 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, train_dances=None,
                            "train_dances": len(train_seqs), "val_dances": len(val_seqs)}
     _save_json(run / "metrics.json", metrics)
     try:
-        make_plots(run, history, model, mcfg, val_dances, val_seqs, fcfg)
+        make_plots(run, history, model, mcfg, val_dances, val_seqs, fcfg, cfg.gif_frames)
     except Exception as e:  # plots are a convenience; never lose a trained run to them
         log.warning("plots failed: %s", e)
     log.info("done (%s): best epoch %d, %.0f s", stop_reason, state["best_epoch"], state["train_seconds"])
@@ -480,7 +480,7 @@ def baseline_metrics(val_dances, train_seqs, pose_mean, ev) -> dict:
     return out
 
 
-def make_plots(run: pathlib.Path, history, model, mcfg, val_dances, val_seqs, fcfg) -> None:
+def make_plots(run: pathlib.Path, history, model, mcfg, val_dances, val_seqs, fcfg, gif_frames: int = 250) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -514,4 +514,5 @@ def make_plots(run: pathlib.Path, history, model, mcfg, val_dances, val_seqs, fc
         return
     rows = {f"generated ({s.name}, held out)": pred, "ground truth": d.poses[:T]}
     plots.stick_strip(rows, run / "plots" / "strip.png", n=12)
-    plots.animate_gif(rows, run / "plots" / "val.gif", max_frames=T)
+    if gif_frames > 0:
+        plots.animate_gif(rows, run / "plots" / "val.gif", max_frames=min(T, gif_frames))

@@ -90,7 +90,7 @@ class SimulatedBus(Bus):
         if marks:
             for label, tm in marks.items():
                 axes[0, 0].annotate(label, (tm - t0, SERVO_MAX), fontsize=7, va="bottom")
-        axes[-1, 0].set_xlabel("time, s (red: the tracker's beats)")
+        axes[-1, 0].set_xlabel("time, s (red lines: the given beats)")
         fig.suptitle(title, fontsize=10)
         fig.tight_layout()
         path = pathlib.Path(path)

@@ -68,7 +68,7 @@ class Watchdog:
         """The glide's set point at `now` (call only when expired)."""
         if self.tripped_at is None:
             self.tripped_at, self._from = now, np.asarray(current, float).copy()
-            self.trips += 1
+            self.trips += self.last_valid is not None  # not counted: waiting for the first frame
         if self.glide_s <= 0:
             return self.neutral.copy()
         f = min(1.0, (now - self.tripped_at) / self.glide_s)

@@ -28,7 +28,7 @@
   };
   const HEAD = KEYPOINTS.indexOf("head"), NECK = KEYPOINTS.indexOf("neck");
 
-  const stats = { connected: false, connects: 0, messages: 0, poses: 0, beats: 0, rejected: 0, dropped: 0,
+  const stats = { connected: false, subscribed: false, connects: 0, messages: 0, poses: 0, beats: 0, rejected: 0, dropped: 0,
                   lastError: "", drawn: 0 };
   const devices = new Map(); // id -> per-device state
   const guard = new EdgeProtocol.SequenceGuard();
@@ -119,13 +119,19 @@
     stats.connected = true;
     stats.connects += 1;
     setBadge(brokerBadge, "ok", "broker: connected");
-    client.subscribe(topics, { qos: 1 }, (err) => {
-      if (err) { stats.lastError = `subscribe: ${err.message}`; setBadge(brokerBadge, "bad", "broker: subscribe refused"); }
+    client.subscribe(topics, { qos: 1 }, (err, granted) => {
+      const refused = err || (granted || []).some((g) => g.qos === 128);
+      if (refused) {
+        stats.lastError = `subscribe to ${topics.join(", ")} refused${err ? ": " + err.message : ""}`;
+        setBadge(brokerBadge, "bad", "broker: subscribe refused");
+      } else {
+        stats.subscribed = true;
+      }
     });
   });
   client.on("reconnect", () => setBadge(brokerBadge, "warn", "broker: reconnecting"));
   client.on("close", () => {
-    stats.connected = false;
+    stats.connected = stats.subscribed = false;
     if (!brokerBadge.classList.contains("warn")) setBadge(brokerBadge, "bad", "broker: disconnected");
   });
   client.on("error", (e) => { stats.lastError = `broker: ${e.message}`; });

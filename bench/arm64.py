@@ -1,0 +1,535 @@
+"""Proof on the Pi's architecture: the `device` extra on arm64 Debian under emulation.
+
+    python -m bench.arm64 [--root /work/arm64-root] [--keep] [--seconds 30] [--bundle DIR] [--mirror URL]
+
+Needs root and Debian's apt (it installs qemu-user-static, debootstrap and binfmt-support
+itself, idempotently). In one run, side by side:
+  1. qemu-user-static registered with binfmt_misc for aarch64; `chroot ROOT /bin/true` runs arm64 code;
+  2. an arm64 Debian 12 (bookworm, Python 3.11: the Raspberry Pi OS base) debootstrapped into ROOT
+     from the apt mirror this machine is configured with (cached: kept between runs);
+  3. the working tree (tracked + untracked, not ignored files) copied to ROOT/opt/edgedance,
+     a fresh venv and `pip install '.[device]'` under emulation; `import tensorflow` must fail;
+  4. `python -m device selftest` inside (or, before it exists, a features run and a bundle
+     load + step);
+  5. one synthesized song (device.demo.write_song): the integer log-Mel (device.frontend.log_mel)
+     and `python -m device features SONG --out F.npy` on arm64 and on x86, compared bit for bit,
+     plus poses of the same bundle from those features; both timed (the emulation slowdown).
+Writes docs/bench/arm64.md. Slow (tens of minutes on a first run, minutes after): opt-in for
+`make bench` (see OPT_IN).
+
+The same file is the probe that runs on each side (`--probe OUTDIR`): copied into the root
+and run there as a plain script, so the installed package is what gets imported.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+OUT = REPO / "docs" / "bench" / "arm64.md"
+DEFAULT_ROOT = pathlib.Path("/work/arm64-root")
+SUITE = "bookworm"
+INCLUDE = "python3,python3-venv,python3-pip,libsndfile1,portaudio19-dev,gcc,python3-dev,ca-certificates"
+OPT_IN = True  # bench.run: not part of a default `make bench` (tens of minutes under emulation)
+
+# Paths inside the root.
+SRC = "/opt/edgedance"
+VENV = "/opt/edgedance-venv"
+WORK = "/tmp/edgedance-arm64"
+PROBE = f"{WORK}/probe.py"
+CHROOT_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "LANG": "C.UTF-8",
+    "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+TIMEOUT_S = {"debootstrap": 3600, "install": 3600, "default": 1200}
+
+
+class Arm64Error(RuntimeError):
+    """A step of the arm64 proof that could not run here: says which step and how to fix it."""
+
+
+# ---------------------------------------------------------------------------------------
+# Host set-up: tools, binfmt, the root file system
+
+
+def apt_mirror(files: list[pathlib.Path] | None = None, suite: str = SUITE) -> str:
+    """The Debian mirror apt on this machine uses for `suite` (not the security archive):
+    the first matching entry of /etc/apt/sources.list and sources.list.d/*.list|*.sources."""
+    if files is None:
+        d = pathlib.Path("/etc/apt/sources.list.d")
+        files = [pathlib.Path("/etc/apt/sources.list")]
+        files += sorted(p for p in d.glob("*") if p.suffix in (".list", ".sources")) if d.is_dir() else []
+    for f in files:
+        if not f.is_file():
+            continue
+        text = f.read_text(errors="replace")
+        if f.suffix == ".sources":
+            for stanza in text.split("\n\n"):
+                fields = {}
+                for line in stanza.splitlines():
+                    if ":" in line and not line.lstrip().startswith("#") and not line.startswith((" ", "\t")):
+                        k, v = line.split(":", 1)
+                        fields[k.strip().lower()] = v.split()
+                if ("deb" in fields.get("types", []) and suite in fields.get("suites", [])
+                        and fields.get("uris") and fields.get("enabled", ["yes"])[0] != "no"):
+                    return fields["uris"][0].rstrip("/")
+        else:
+            for line in text.splitlines():
+                words = line.split("#", 1)[0].split()
+                if words[:1] != ["deb"]:
+                    continue
+                words = words[1:]
+                if words and words[0].startswith("["):  # options: [arch=amd64 signed-by=...]
+                    while words and not words[0].endswith("]"):
+                        words = words[1:]
+                    words = words[1:]
+                if len(words) >= 2 and words[1] == suite:
+                    return words[0].rstrip("/")
+    raise Arm64Error(f"no apt source for Debian {suite!r} in {', '.join(map(str, files))}; "
+                     "pass the mirror with --mirror URL")
+
+
+def _run(cmd: list[str], what: str, timeout: float | None = None, **kw) -> subprocess.CompletedProcess:
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout or TIMEOUT_S["default"], **kw)
+    except subprocess.TimeoutExpired as e:
+        raise Arm64Error(f"{what}: no result after {e.timeout:.0f} s: {' '.join(cmd)}") from e
+    except OSError as e:
+        raise Arm64Error(f"{what}: cannot start {cmd[0]!r}: {e}") from e
+    if p.returncode != 0:
+        tail = "\n".join((p.stdout + "\n" + p.stderr).strip().splitlines()[-25:])
+        raise Arm64Error(f"{what}: `{' '.join(cmd)}` exited with {p.returncode}:\n{tail}")
+    return p
+
+
+def ensure_tools() -> list[str]:
+    """qemu-user-static, debootstrap, binfmt-support from apt if missing; returns what was installed."""
+    if os.geteuid() != 0:
+        raise Arm64Error("needs root (apt-get, debootstrap, chroot, mount); run it as root")
+    need = [pkg for pkg, exe in (("qemu-user-static", "qemu-aarch64-static"), ("debootstrap", "debootstrap"),
+                                 ("binfmt-support", "update-binfmts")) if shutil.which(exe) is None]
+    if need:
+        log.info("apt-get install %s", " ".join(need))
+        _run(["apt-get", "install", "-y", *need], "installing the emulation tools", timeout=1800,
+             env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    return need
+
+
+BINFMT = pathlib.Path("/proc/sys/fs/binfmt_misc")
+
+
+def ensure_binfmt() -> dict:
+    """binfmt_misc mounted and the aarch64 handler enabled; returns its interpreter and flags."""
+    if not (BINFMT / "register").exists():
+        _run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT)], "mounting binfmt_misc")
+    entry = BINFMT / "qemu-aarch64"
+    if not entry.exists() or entry.read_text().splitlines()[0] != "enabled":
+        _run(["update-binfmts", "--enable", "qemu-aarch64"], "registering qemu-aarch64 with binfmt_misc")
+    if not entry.exists():
+        raise Arm64Error(f"{entry} missing after `update-binfmts --enable qemu-aarch64`; "
+                         "reinstall qemu-user-static (it ships the binfmt entry)")
+    info = dict(line.split(" ", 1) for line in entry.read_text().splitlines()[1:] if " " in line)
+    return {"interpreter": info.get("interpreter", "?"), "flags": info.get("flags:", info.get("flags", "?")).strip()}
+
+
+def root_complete(root: pathlib.Path) -> bool:
+    """debootstrap removes ROOT/debootstrap when its second stage has finished."""
+    return (root / "etc" / "debian_version").is_file() and not (root / "debootstrap").exists()
+
+
+def ensure_root(root: pathlib.Path, mirror: str) -> float:
+    """debootstrap an arm64 bookworm into `root` unless a complete one is there; seconds spent."""
+    if root_complete(root):
+        return 0.0
+    if root.exists() and any(root.iterdir()):
+        raise Arm64Error(f"{root} holds an incomplete debootstrap (no etc/debian_version, or "
+                         f"{root}/debootstrap still there); check nothing is mounted under it "
+                         f"(`grep {root} /proc/mounts`), remove it and run again")
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    _run(["debootstrap", "--arch=arm64", "--variant=minbase", f"--include={INCLUDE}", SUITE, str(root), mirror],
+         f"debootstrap of arm64 {SUITE} into {root}", timeout=TIMEOUT_S["debootstrap"])
+    return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def mounted(root: pathlib.Path):
+    """/proc and /dev inside the root for the duration (and the host's resolv.conf for pip);
+    unmounted again, innermost first, however the block ends."""
+    done = []
+    try:
+        for target, cmd in ((root / "proc", ["mount", "-t", "proc", "proc"]),
+                            (root / "dev", ["mount", "--bind", "/dev"])):
+            if os.path.ismount(target):
+                continue
+            target.mkdir(exist_ok=True)
+            _run([*cmd, str(target)], f"mounting {target}")
+            done.append(target)
+        resolv = root / "etc" / "resolv.conf"
+        if resolv.is_symlink():
+            resolv.unlink()
+        shutil.copyfile("/etc/resolv.conf", resolv)
+        yield
+    finally:
+        for target in reversed(done):
+            p = subprocess.run(["umount", str(target)], capture_output=True, text=True)
+            if p.returncode != 0:
+                log.error("cannot unmount %s: %s; unmount it by hand before removing %s",
+                          target, p.stderr.strip(), root)
+
+
+def in_root(root: pathlib.Path, cmd: list[str], what: str, cwd: str = "/", timeout: float | None = None,
+            check: bool = True) -> tuple[subprocess.CompletedProcess, float]:
+    """Run `cmd` inside the arm64 root with a clean environment; (result, wall seconds)."""
+    full = ["chroot", str(root), "/bin/sh", "-c", 'cd "$0" && exec "$@"', cwd, *cmd]
+    t0 = time.perf_counter()
+    if check:
+        p = _run(full, what, timeout=timeout, env=CHROOT_ENV)
+    else:
+        p = subprocess.run(full, capture_output=True, text=True, env=CHROOT_ENV,
+                           timeout=timeout or TIMEOUT_S["default"])
+    return p, time.perf_counter() - t0
+
+
+def working_tree_files(repo: pathlib.Path) -> list[str]:
+    """Tracked and untracked-but-not-ignored files of the working tree (what a commit of it
+    would hold), relative paths; deleted tracked files are left out."""
+    p = _run(["git", "-C", str(repo), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+             f"listing the files of {repo}")
+    return sorted({f for f in p.stdout.split("\0") if f and (repo / f).is_file()})
+
+
+def copy_tree(repo: pathlib.Path, dest: pathlib.Path) -> int:
+    if dest.exists():
+        shutil.rmtree(dest)
+    files = working_tree_files(repo)
+    for f in files:
+        (dest / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(repo / f, dest / f)
+    return len(files)
+
+
+# ---------------------------------------------------------------------------------------
+# The probe: runs on both sides, as a plain script (imports the installed `device`)
+
+
+def probe(out: pathlib.Path, wav: str, bundle: str | None) -> dict:
+    """Log-Mel (int16) and features of `wav` and poses of `bundle`, saved under `out`, timed."""
+    import importlib.metadata as md
+
+    from device import frontend, model
+    from device.audio import load_file
+    from device.features import extract
+
+    out.mkdir(parents=True, exist_ok=True)
+    res: dict = {"machine": platform.machine(), "python": platform.python_version()}
+    for dist in ("numpy", "ai-edge-litert", "soundfile", "paho-mqtt", "PyAudio", "tensorflow"):
+        try:
+            res[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            res[dist] = None
+    res["runtime"] = model.interpreter_class()[1]
+
+    pcm = load_file(wav)
+    res["seconds_audio"] = len(pcm) / 16000
+    t0, c0 = time.perf_counter(), time.process_time()
+    mel = frontend.log_mel(pcm)
+    res["log_mel_s"], res["log_mel_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+    np.save(out / "log_mel.npy", mel)
+    t0, c0 = time.perf_counter(), time.process_time()
+    feats = extract(pcm)
+    res["extract_s"], res["extract_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+
+    # The command line, as a user runs it (interpreter start and imports included).
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "device", "features", wav, "--out", str(out / "F.npy")],
+                       capture_output=True, text=True, cwd=str(out))
+    res["cli_features_s"] = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"python -m device features failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
+    res["cli_matches_extract"] = bool(np.array_equal(np.load(out / "F.npy"), feats.x))
+
+    if bundle:
+        b = model.load_bundle(bundle)
+        with b.stepper(num_threads=1, seed=0) as sm:
+            t0 = time.perf_counter()
+            poses, heads = sm.run(feats.x)
+            res["model_run_s"] = time.perf_counter() - t0
+        res["frames"] = int(poses.shape[0])
+        res["quantize"] = b.quantize
+        np.save(out / "poses.npy", poses)
+        np.save(out / "headings.npy", heads)
+    (out / "probe.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+# ---------------------------------------------------------------------------------------
+# The comparison
+
+
+def compare(x86: pathlib.Path, arm: pathlib.Path) -> dict:
+    """Bit-for-bit comparison of the probe outputs of the two sides."""
+    r: dict = {}
+    a, b = np.load(x86 / "log_mel.npy"), np.load(arm / "log_mel.npy")
+    r["log_mel_shape"] = list(a.shape)
+    r["log_mel_dtype"] = f"{a.dtype} / {b.dtype}"
+    r["log_mel_identical"] = bool(a.dtype == b.dtype and np.array_equal(a, b))
+    a, b = np.load(x86 / "F.npy"), np.load(arm / "F.npy")
+    r["features_shape"] = list(a.shape)
+    r["features_identical"] = bool(a.dtype == b.dtype and np.array_equal(a, b))
+    r["features_max_abs_diff"] = float(np.max(np.abs(a.astype(np.float64) - b))) if a.shape == b.shape else None
+    ja, jb = (json.loads((d / "F.json").read_text()) for d in (x86, arm))
+    r["sidecar_identical"] = ja == jb  # beat times, bpm, phase, metre, config hash
+    if (x86 / "poses.npy").exists() and (arm / "poses.npy").exists():
+        a, b = np.load(x86 / "poses.npy"), np.load(arm / "poses.npy")
+        r["poses_identical"] = bool(np.array_equal(a, b))
+        r["poses_max_abs_diff"] = float(np.max(np.abs(a - b))) if a.shape == b.shape else None
+        ha, hb = np.load(x86 / "headings.npy"), np.load(arm / "headings.npy")
+        r["headings_max_abs_diff"] = float(np.max(np.abs(ha - hb))) if ha.shape == hb.shape else None
+    return r
+
+
+# ---------------------------------------------------------------------------------------
+# The run
+
+
+def default_bundle() -> pathlib.Path | None:
+    d = REPO / "models" / "default"
+    return d if (d / "manifest.json").is_file() else None
+
+
+def make_bundle(tmp: pathlib.Path) -> pathlib.Path:
+    """No shipped bundle yet: a real int8 conversion of a random-weight model of the real
+    architecture (converter.bundle.make_test_bundle), made on x86 with TensorFlow."""
+    code = ("import sys; from converter.bundle import make_test_bundle; from device.features import n_features; "
+            "make_test_bundle(sys.argv[1], n_features(), seed=0)")
+    _run([sys.executable, "-c", code, str(tmp / "bundle")], "making a test bundle on x86", cwd=str(REPO))
+    return tmp / "bundle"
+
+
+def run(args) -> tuple[str, bool]:
+    root = pathlib.Path(args.root).resolve()
+    steps: list[tuple[str, str, float]] = []  # (step, result, seconds)
+    t_all = time.perf_counter()
+
+    installed = ensure_tools()
+    steps.append(("emulation tools (apt)", "installed " + " ".join(installed) if installed else "present", 0.0))
+    fmt = ensure_binfmt()
+    mirror = args.mirror or apt_mirror()
+    secs = ensure_root(root, mirror)
+    steps.append((f"debootstrap arm64 {SUITE} minbase", f"from {mirror}" if secs else "cached in the root", secs))
+    p, secs = in_root(root, ["/bin/true"], "running arm64 /bin/true in the root")
+    elf = _run(["file", "-L", str(root / "bin" / "true")], "file(1)").stdout.split(":", 1)[1].split(",")[:2] \
+        if shutil.which("file") else ["?"]
+    steps.append(("`chroot ROOT /bin/true`", f"exit 0 ({','.join(elf).strip()}); binfmt {fmt['interpreter']} "
+                  f"flags {fmt['flags']}", secs))
+
+    bundle = pathlib.Path(args.bundle) if args.bundle else default_bundle()
+    ok = True
+    with tempfile.TemporaryDirectory(prefix="edgedance-arm64-") as tmpd, mounted(root):
+        tmp = pathlib.Path(tmpd)
+        bundle_note = f"`{bundle}`" if bundle else None
+        if bundle is None:
+            t0 = time.perf_counter()
+            bundle = make_bundle(tmp)
+            bundle_note = ("none shipped (`models/default` missing): a random-weight int8 test bundle of the "
+                           "real architecture (`converter.bundle.make_test_bundle`), made on x86")
+            steps.append(("test bundle on x86", "made", time.perf_counter() - t0))
+
+        # 3. source, venv, install
+        t0 = time.perf_counter()
+        n = copy_tree(REPO, root / SRC.lstrip("/"))
+        work = root / WORK.lstrip("/")
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        shutil.copy2(__file__, work / "probe.py")
+        shutil.copytree(bundle, work / "bundle")
+        song = REPO_SONG = work / "song.wav"
+        from device.demo import write_song
+        write_song(song, seconds=args.seconds)
+        steps.append(("copy working tree + song + bundle", f"{n} files to ROOT{SRC}", time.perf_counter() - t0))
+        venv = root / VENV.lstrip("/")
+        if venv.exists():
+            shutil.rmtree(venv)
+        _, secs = in_root(root, ["python3", "-m", "venv", VENV], "creating the venv")
+        steps.append(("`python3 -m venv`", VENV, secs))
+        p, secs = in_root(root, [f"{VENV}/bin/pip", "install", f"{SRC}[device]"], "pip install '.[device]' on arm64",
+                          timeout=TIMEOUT_S["install"])
+        (tmp / "pip.log").write_text(p.stdout + p.stderr)
+        steps.append(("`pip install '.[device]'`", "ok", secs))
+        p, _ = in_root(root, [f"{VENV}/bin/pip", "list", "--format=json"], "pip list")
+        dists = {d["name"].lower(): d["version"] for d in json.loads(p.stdout)}
+        p, secs = in_root(root, [f"{VENV}/bin/python", "-c", "import tensorflow"], "import tensorflow", check=False)
+        no_tf = p.returncode != 0 and "No module named 'tensorflow'" in p.stderr and "tensorflow" not in dists
+        ok &= no_tf
+        steps.append(("`import tensorflow` fails", "yes: ModuleNotFoundError, not installed" if no_tf
+                      else f"NO (exit {p.returncode}): the device extra pulls TensorFlow", secs))
+
+        # 4. the on-device self-test
+        selftest = (REPO / "device" / "selftest.py").is_file()
+        if selftest:
+            p, secs = in_root(root, [f"{VENV}/bin/python", "-m", "device", "selftest", *args.selftest_args],
+                              "python -m device selftest", cwd=WORK, check=False)
+            selftest_out = (p.stdout + p.stderr).strip()
+            ok &= p.returncode == 0
+            steps.append(("`python -m device selftest`", "PASS (exit 0)" if p.returncode == 0
+                          else f"FAIL (exit {p.returncode})", secs))
+        else:
+            selftest_out = None
+            steps.append(("`python -m device selftest`", "not run: device/selftest.py does not exist yet "
+                          "(features + bundle load + steps below instead)", 0.0))
+
+        # 5. the same song on both sides
+        x86_out, arm_out = tmp / "x86", work / "out"
+        t0 = time.perf_counter()
+        _run([sys.executable, __file__, "--probe", str(x86_out), "--wav", str(song), "--bundle", str(work / "bundle")],
+             "the probe on x86", cwd=str(tmp))
+        t_x86 = time.perf_counter() - t0
+        _, t_arm = in_root(root, [f"{VENV}/bin/python", PROBE, "--probe", f"{WORK}/out", "--wav", f"{WORK}/song.wav",
+                                  "--bundle", f"{WORK}/bundle"], "the probe on arm64", cwd=WORK)
+        steps.append(("probe (log-Mel, features, CLI, poses)", "x86 then arm64", t_x86 + t_arm))
+        px86 = json.loads((x86_out / "probe.json").read_text())
+        parm = json.loads((arm_out / "probe.json").read_text())
+        cmp = compare(x86_out, arm_out)
+        ok &= cmp["log_mel_identical"] and cmp["features_identical"] and cmp["sidecar_identical"]
+        ok &= px86["cli_matches_extract"] and parm["cli_matches_extract"] and parm["machine"] == "aarch64"
+        p, _ = in_root(root, ["cat", "/etc/debian_version"], "debian_version")
+        debian = p.stdout.strip()
+        p, _ = in_root(root, ["uname", "-m"], "uname -m")
+        uname = p.stdout.strip()
+        ok &= uname == "aarch64"
+
+        if not args.keep:
+            shutil.rmtree(root / SRC.lstrip("/"))
+            shutil.rmtree(venv)
+            shutil.rmtree(work)
+
+    total = time.perf_counter() - t_all
+    md = report(args, steps, px86, parm, cmp, dists, debian, uname, bundle_note, selftest_out, ok, total)
+    return md, ok
+
+
+def _yn(v: bool) -> str:
+    return "**yes**" if v else "**NO**"
+
+
+def report(args, steps, px86, parm, cmp, dists, debian, uname, bundle_note, selftest_out, ok, total) -> str:
+    argv = " ".join(args.argv)
+    cmd = f"python -m bench.arm64 {argv}".strip()
+    lines = [
+        "## arm64 (Raspberry Pi OS base) under emulation",
+        "",
+        f"`{cmd}` on {datetime.date.today().isoformat()}, as root, x86_64 host with qemu-user-static: "
+        f"**{'PASS' if ok else 'FAIL'}** in {total / 60:.1f} min. Debian {debian} arm64 minbase root "
+        f"`{args.root}`, `uname -m` inside: `{uname}`. Bundle: {bundle_note}.",
+        "",
+        "| step | result | seconds |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {s} | {r} | {t:.0f} |" for s, r, t in steps]
+    lines += ["", "Versions:", "", "| | x86_64 (host .venv) | arm64 (emulated venv) |", "| --- | --- | --- |"]
+    for k in ("machine", "python", "numpy", "ai-edge-litert", "soundfile", "paho-mqtt", "PyAudio", "tensorflow",
+              "runtime"):
+        lines.append(f"| {k} | {px86.get(k) or '-'} | {parm.get(k) or '-'} |")
+    sec = parm["seconds_audio"]
+    lines += [
+        "",
+        f"Same file on both sides: `device.demo.write_song(seconds={args.seconds})` ({sec:.0f} s, 22.05 kHz WAV), "
+        f"log-Mel {cmp['log_mel_shape']} {cmp['log_mel_dtype']}, features {cmp['features_shape']} float32.",
+        "",
+        "| check | result |",
+        "| --- | --- |",
+        f"| int16 log-Mel (`device.frontend.log_mel`) bit-identical | {_yn(cmp['log_mel_identical'])} |",
+        f"| features (`python -m device features SONG --out F.npy`) bit-identical | "
+        f"{_yn(cmp['features_identical'])} (max abs diff {cmp['features_max_abs_diff']:.3g}) |",
+        f"| F.json (beat times, bpm, phase, metre, config hash) identical | {_yn(cmp['sidecar_identical'])} |",
+        f"| CLI output == in-process `features.extract` (x86 / arm64) | {_yn(px86['cli_matches_extract'])} / "
+        f"{_yn(parm['cli_matches_extract'])} |",
+    ]
+    if "poses_identical" in cmp:
+        lines.append(f"| poses of the same bundle ({parm.get('quantize')}, LiteRT, 1 thread) from those features | "
+                     f"identical: {_yn(cmp['poses_identical'])}, max abs diff {cmp['poses_max_abs_diff']:.3g} "
+                     f"(heading {cmp['headings_max_abs_diff']:.3g} rad) |")
+    lines += ["", "Time (wall; the arm64 side is emulated by qemu on this x86 host, not a Pi's speed):", "",
+              "| stage | x86_64 | arm64 (qemu) | slowdown |", "| --- | --- | --- | --- |"]
+    for key, name in (("log_mel_s", "log-Mel, whole song"), ("extract_s", "features, whole song"),
+                      ("cli_features_s", "`python -m device features` (start + imports + song)"),
+                      ("model_run_s", "model, all frames (`StreamingModel.run`)")):
+        if key in px86 and key in parm:
+            a, b = px86[key], parm[key]
+            lines.append(f"| {name} | {a:.2f} s ({sec / a:.0f}x real time) | {b:.2f} s ({sec / b:.1f}x real time) "
+                         f"| {b / a:.0f}x |")
+    if selftest_out:
+        lines += ["", "`python -m device selftest` on arm64:", "", "```", selftest_out[-3000:], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m bench.arm64", description=__doc__.split("\n\n")[0],
+                                 epilog="Needs root. The root file system is cached; delete ROOT to start over.")
+    ap.add_argument("--root", default=str(DEFAULT_ROOT), help="the arm64 root file system (outside the repo; "
+                    "debootstrapped once, kept)")
+    ap.add_argument("--keep", action="store_true", help=f"keep the source copy, venv and outputs in ROOT{SRC}, "
+                    f"ROOT{VENV}, ROOT{WORK} after the run (default: removed; the root stays a clean Debian)")
+    ap.add_argument("--mirror", help="Debian mirror URL (default: the one apt on this machine uses for bookworm)")
+    ap.add_argument("--seconds", type=float, default=30.0, help="length of the synthesized song (default 30)")
+    ap.add_argument("--bundle", help="model bundle for the selftest and the poses (default: models/default; if "
+                    "missing, a random-weight test bundle made on x86)")
+    ap.add_argument("--selftest-args", nargs=argparse.REMAINDER, default=[],
+                    help="extra arguments for `python -m device selftest` (the rest of the line)")
+    ap.add_argument("--out", default=str(OUT), help="markdown file to write")
+    ap.add_argument("--probe", metavar="OUTDIR", help="internal: run the probe on this machine into OUTDIR")
+    ap.add_argument("--wav", help="internal: the probe's song")
+    return ap
+
+
+def _run_cli(argv: list[str] | None) -> tuple[str, bool]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    if args.probe:
+        if not args.wav:
+            raise SystemExit("--probe needs --wav SONG")
+        res = probe(pathlib.Path(args.probe), args.wav, args.bundle)
+        return json.dumps(res), True
+    md, ok = run(args)
+    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(args.out).write_text(md, encoding="utf-8")
+    return md, ok
+
+
+def main(argv: list[str] | None = None) -> str:
+    return _run_cli(argv)[0]
+
+
+if __name__ == "__main__":
+    # As a plain script (the probe, inside the root), this file's folder must not shadow packages.
+    here = str(pathlib.Path(__file__).resolve().parent)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        text, good = _run_cli(None)
+    except Arm64Error as e:
+        print(f"bench.arm64: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(text)
+    sys.exit(0 if good else 1)

@@ -1,0 +1,206 @@
+"""`python -m converter`: trained run -> model bundle; validation report of every variant.
+
+    python -m converter convert RUN --quantize int8 --out models/default [--report]
+    python -m converter report RUN [--md docs/results/quantization.md] [--bundles DIR]
+    python -m converter test-bundle OUT --features 48
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import pathlib
+import sys
+import tempfile
+
+import numpy as np
+
+from converter import convert as cv
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MD = pathlib.Path(__file__).resolve().parent.parent / "docs" / "results" / "quantization.md"
+
+
+def _prepare(args):
+    """Models, held-out and calibration data, the float equivalence check."""
+    from converter import validate
+
+    cv.quiet_tensorflow()
+    models = cv.from_run(args.run)
+    train, val = validate.load_split(args.run, args.data, args.cache)
+    x = val[0].features.x[: args.check_frames]
+    diff = cv.check_equivalence(models, x)
+    print(f"step == sequence (float) over {len(x)} frames of {val[0].name}: max abs diff {diff:.2e} "
+          f"(limit {cv.EQUIVALENCE_TOL:g})")
+    return models, train, val, diff
+
+
+def _training_summary(run, train, val, diff) -> dict:
+    run = pathlib.Path(run)
+    out = {"run": str(run), "train_dances": [d.name for d in train], "val_dances": [d.name for d in val],
+           "train_frames": int(sum(d.n_frames for d in train)), "val_frames": int(sum(d.n_frames for d in val)),
+           "step_vs_sequence_max_abs_diff": diff}
+    mpath = run / "metrics.json"
+    if mpath.exists():
+        m = json.loads(mpath.read_text())
+        out["trainer"] = m.get("training", {})
+        out["keras_val_metrics"] = {k: v for k, v in m.items() if isinstance(v, (int, float))}
+    return out
+
+
+def _samples(models, train, args):
+    songs = [d.features.x[: args.calib_frames] for d in train]
+    return cv.representative_samples(models, songs, n_samples=args.samples)
+
+
+def _validate(models, bundle_dir, val, ref, kf, mode, float_size):
+    from converter import validate
+
+    res = validate.evaluate_bundle(bundle_dir, val, ref)
+    lat = validate.latency(bundle_dir, val[0].features.x)
+    size = (pathlib.Path(bundle_dir) / "model.tflite").stat().st_size
+    return validate.summarize(mode, size, float_size, lat, res, kf), res
+
+
+def cmd_convert(args) -> int:
+    from converter import bundle, validate
+
+    models, train, val, diff = _prepare(args)
+    samples = _samples(models, train, args) if args.quantize in ("int8", "int16x8") else None
+    blob = cv.to_tflite(models, args.quantize, samples)
+    training = _training_summary(args.run, train, val, diff)
+    out = bundle.write_bundle(args.out, blob, models, args.quantize, training=training)
+    print(f"wrote {out}: {args.quantize}, {len(blob)} bytes")
+    if args.report:
+        float_size = len(cv.to_tflite(models, "float")) if args.quantize != "float" else len(blob)
+        ref = validate.keras_reference(models, val)
+        kf = validate.keras_float_metrics(val, ref)
+        row, res = _validate(models, out, val, ref, kf, args.quantize, float_size)
+        bundle.update_manifest(out, metrics={"held_out": row, "songs": res["songs"], "keras_float": kf["mean"]})
+        print(validate.markdown_table([row]))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from converter import bundle, validate
+
+    models, train, val, diff = _prepare(args)
+    samples = _samples(models, train, args)
+    ref = validate.keras_reference(models, val)
+    kf = validate.keras_float_metrics(val, ref)
+    root = pathlib.Path(args.bundles) if args.bundles else pathlib.Path(tempfile.mkdtemp(prefix="edgedance-report-"))
+    rows, details = [], {}
+    float_size = None
+    for mode in cv.QUANTIZE_MODES:
+        blob = cv.to_tflite(models, mode, samples if mode in ("int8", "int16x8") else None)
+        if mode == "float":
+            float_size = len(blob)
+        out = bundle.write_bundle(root / mode, blob, models, mode, training=_training_summary(args.run, train, val, diff))
+        row, res = _validate(models, out, val, ref, kf, mode, float_size)
+        bundle.update_manifest(out, metrics={"held_out": row, "songs": res["songs"], "keras_float": kf["mean"]})
+        rows.append(row)
+        details[mode] = res
+        print(validate.markdown_table([row]).splitlines()[-1], flush=True)
+    md = report_markdown(args, models, val, kf, rows, details, diff, len(samples))
+    pathlib.Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(args.md).write_text(md, encoding="utf-8")
+    print(f"wrote {args.md}; bundles in {root}")
+    return 0
+
+
+def report_markdown(args, models, val, kf, rows, details, diff, n_samples) -> str:
+    from converter import validate
+
+    m = models.mcfg
+    cmd = "python -m converter report " + " ".join(a for a in sys.argv[2:]) if sys.argv[1:2] == ["report"] else "python -m converter report"
+    lines = [
+        "## Measured: every variant on the held-out songs",
+        "",
+        f"Produced by `{cmd}` on {datetime.date.today().isoformat()}: run `{args.run}` "
+        f"(kind {m.kind}, {m.layers} x {m.units} encoder, decoder {m.dec_units}, lookback {m.lookback}), "
+        f"{len(val)} held-out songs ({sum(d.n_frames for d in val)} frames: {', '.join(d.name for d in val)}), "
+        f"{n_samples} calibration samples from the training songs. Step == sequence in float: max abs diff "
+        f"{diff:.1e}. Keras float on the same songs: pose MSE {kf['mean']['mse']:.5f}, BAS {kf['mean']['bas']:.4f}.",
+        "",
+        validate.markdown_table(rows),
+        "",
+        "Per song (pose MSE vs ground truth; Keras float first):",
+        "",
+        "| song | frames | Keras MSE | " + " | ".join(f"{r['variant']} MSE" for r in rows) + " | Keras BAS | "
+        + " | ".join(f"{r['variant']} BAS" for r in rows) + " |",
+        "|" + " --- |" * (4 + 2 * len(rows)),
+    ]
+    for i, ks in enumerate(kf["songs"]):
+        lines.append(f"| {ks['dance']} | {ks['frames']} | {ks['mse']:.5f} | "
+                     + " | ".join(f"{details[r['variant']]['songs'][i]['mse']:.5f}" for r in rows)
+                     + f" | {ks['bas']:.4f} | " + " | ".join(f"{details[r['variant']]['songs'][i]['bas']:.4f}" for r in rows) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_test_bundle(args) -> int:
+    from converter import bundle
+
+    cv.quiet_tensorflow()
+    out = bundle.make_test_bundle(args.out, args.features, seed=args.seed, layers=args.layers, units=args.units,
+                                  quantize=args.quantize)
+    print(f"wrote {out}")
+    return 0
+
+
+def _common(p):
+    p.add_argument("run", help="trained run folder (model.weights.h5, model_config.json, feature_config.json, "
+                               "normalization.json), e.g. runs/<name> or models/default/keras")
+    p.add_argument("--data", default=None, help="Music-to-Dance folder (default: the run's data_root, "
+                                                "else EDGEDANCE_DATA)")
+    p.add_argument("--cache", default=None, help="feature cache folder (default: the run's cache_dir)")
+    p.add_argument("--check-frames", type=int, default=1500,
+                   help="frames of a held-out song for the step == sequence check (default 1500 = 60 s)")
+    p.add_argument("--samples", type=int, default=500, help="calibration samples for int8/int16x8 (default 500)")
+    p.add_argument("--calib-frames", type=int, default=600,
+                   help="frames per training song the calibration run steps through (default 600)")
+
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m converter", description=__doc__.split("\n\n")[0])
+    ap.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="a trained run -> a model bundle (model.tflite + manifest.json)")
+    _common(p)
+    p.add_argument("--quantize", choices=cv.QUANTIZE_MODES, default="int8",
+                   help="float: float32; dynamic: int8 weights; int8: full integer (default); "
+                        "int16x8: int16 activations, int8 weights")
+    p.add_argument("--out", required=True, help="bundle folder to write")
+    p.add_argument("--report", action="store_true",
+                   help="validate on the held-out songs and write the figures into the manifest")
+    p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("report", help="convert every variant, validate each, write the markdown report")
+    _common(p)
+    p.add_argument("--md", default=str(DEFAULT_MD), help=f"markdown file to write (default {DEFAULT_MD})")
+    p.add_argument("--bundles", default=None, help="keep the variants' bundles here (default: a temp folder)")
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("test-bundle", help="a small real bundle with random weights, for tests")
+    p.add_argument("out", help="bundle folder to write")
+    p.add_argument("--features", type=int, default=48, help="number of features (default 48)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--units", type=int, default=16)
+    p.add_argument("--quantize", choices=cv.QUANTIZE_MODES, default="int8")
+    p.set_defaults(fn=cmd_test_bundle)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return args.fn(args)
+    except (cv.ConversionError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

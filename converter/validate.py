@@ -1,0 +1,144 @@
+"""Validation of converted bundles on held-out songs, against the Keras float model.
+
+Per variant: file size, step latency through the device's own `StreamingModel` (LiteRT,
+state handling included; median and p99 of many steps), pose MSE and BAS against the
+ground truth (`trainer.evaluate`) next to the Keras float model's, the pose error versus
+Keras (max and mean abs), and drift: the pose error in the last fifth of each song versus
+the first fifth, and the integrated heading's error at the end (states and heading are
+fed back every frame, so quantization error could pile up).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pathlib
+import time
+
+import numpy as np
+
+from converter import convert as cv
+
+log = logging.getLogger(__name__)
+
+
+def load_split(run_dir, data_root=None, cache_dir=None):
+    """(train, val) Dances of a run: its split.json if present, else the trainer's split of its
+    train config (seed, fraction). Data root: argument, else the run's, else EDGEDANCE_DATA."""
+    from trainer import dataset
+
+    run = pathlib.Path(run_dir)
+    tcfg = {}
+    if (run / "train_config.json").exists():
+        tcfg = json.loads((run / "train_config.json").read_text())
+    root = data_root or tcfg.get("data_root") or os.environ.get("EDGEDANCE_DATA")
+    if not root:
+        raise cv.ConversionError("no data for calibration and validation: pass --data DIR or set EDGEDANCE_DATA "
+                                 "to the Music-to-Dance folder")
+    from device.contract import FeatureConfig
+
+    fcfg = FeatureConfig.from_dict(json.loads((run / "feature_config.json").read_text()),
+                                   source=str(run / "feature_config.json"))
+    cache = cache_dir if cache_dir is not None else tcfg.get("cache_dir", "cache") or None
+    split = run / "split.json"
+    if split.exists():
+        sp = json.loads(split.read_text())
+        train = dataset.load_dataset(root, fcfg, cache, names=sp["train"])
+        val = dataset.load_dataset(root, fcfg, cache, names=sp["val"])
+        return train, val
+    dances = dataset.load_dataset(root, fcfg, cache)
+    return dataset.split_by_dance(dances, float(tcfg.get("val_fraction", 0.2)), int(tcfg.get("split_seed", 0)))
+
+
+def keras_reference(models: cv.KerasModels, dances) -> dict[str, np.ndarray]:
+    """The Keras float sequence model over each song: name -> (T, 29)."""
+    return {d.name: cv.sequence_outputs(models, d.features.x) for d in dances}
+
+
+def latency(bundle_dir, x: np.ndarray, n: int = 3000, warmup: int = 200) -> dict:
+    """Per-step wall time of StreamingModel.step (quantize, states in, invoke, states out,
+    dequantize), single thread, over n steps of real features."""
+    from device.model import load_bundle
+
+    s = load_bundle(bundle_dir).stepper()
+    T = x.shape[0]
+    for t in range(warmup):
+        s.step(x[t % T])
+    times = np.empty(n)
+    clock = time.perf_counter_ns
+    for i in range(n):
+        xi = x[i % T]
+        t0 = clock()
+        s.step(xi)
+        times[i] = clock() - t0
+    return {"median_ms": float(np.median(times) / 1e6), "p99_ms": float(np.percentile(times, 99) / 1e6), "steps": n}
+
+
+def _fifths(err: np.ndarray) -> tuple[float, float]:
+    k = max(1, len(err) // 5)
+    return float(err[:k].mean()), float(err[-k:].mean())
+
+
+def evaluate_bundle(bundle_dir, dances, ref: dict[str, np.ndarray], keras_metrics: dict | None = None) -> dict:
+    """Stream every held-out song through the bundle; metrics per song and their means."""
+    from device.model import load_bundle
+    from trainer import evaluate as ev
+
+    stepper = load_bundle(bundle_dir).stepper()
+    per = []
+    for d in dances:
+        poses, heads = stepper.run(d.features.x)
+        kr = ref[d.name]
+        kposes = kr[:, :28].reshape(-1, 14, 2)
+        err = np.abs(poses - kposes).reshape(len(poses), -1)  # (T, 28)
+        frame_err = err.mean(1)
+        first, last = _fifths(frame_err)
+        k_heading = np.cumsum(kr[:, 28])
+        h_err = math.remainder(float(heads[-1] - k_heading[-1]), 2 * math.pi)
+        m = ev.evaluate(poses, d)
+        per.append({"dance": d.name, "frames": len(poses), "mse": m["mse"], "bas": m["bas"],
+                    "max_abs_err": float(err.max()), "mean_abs_err": float(err.mean()),
+                    "err_first_fifth": first, "err_last_fifth": last,
+                    "heading_err_end_deg": abs(math.degrees(h_err))})
+    keys = [k for k in per[0] if k not in ("dance",)]
+    mean = {k: float(np.mean([p[k] for p in per])) for k in keys}
+    mean["max_abs_err"] = float(max(p["max_abs_err"] for p in per))
+    return {"songs": per, "mean": mean}
+
+
+def keras_float_metrics(dances, ref) -> dict:
+    from trainer import evaluate as ev
+
+    per = []
+    for d in dances:
+        m = ev.evaluate(ref[d.name][:, :28].reshape(-1, 14, 2), d)
+        per.append({"dance": d.name, "frames": m["frames"], "mse": m["mse"], "bas": m["bas"]})
+    return {"songs": per, "mean": {k: float(np.mean([p[k] for p in per])) for k in ("mse", "bas", "frames")}}
+
+
+def summarize(variant: str, size: int, float_size: int | None, lat: dict, res: dict, kf: dict) -> dict:
+    """One row: the figures the targets talk about."""
+    m, k = res["mean"], kf["mean"]
+    return {"variant": variant, "size_bytes": size,
+            "size_ratio": (size / float_size) if float_size else None,
+            "step_median_ms": lat["median_ms"], "step_p99_ms": lat["p99_ms"],
+            "mse": m["mse"], "mse_keras": k["mse"], "mse_rel": m["mse"] / k["mse"] - 1.0,
+            "bas": m["bas"], "bas_keras": k["bas"], "bas_diff": m["bas"] - k["bas"],
+            "max_abs_err": m["max_abs_err"], "mean_abs_err": m["mean_abs_err"],
+            "err_first_fifth": m["err_first_fifth"], "err_last_fifth": m["err_last_fifth"],
+            "heading_err_end_deg": m["heading_err_end_deg"]}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ("| variant | size | vs float | step median | step p99 | pose MSE | vs Keras | BAS | BAS - Keras "
+            "| max abs err | mean abs err | err first/last fifth | heading err at end |")
+    lines = [head, "|" + " --- |" * 13]
+    for r in rows:
+        ratio = f"{100 * r['size_ratio']:.0f}%" if r["size_ratio"] is not None else "-"
+        lines.append(
+            f"| {r['variant']} | {r['size_bytes'] / 1024:.0f} KiB | {ratio} | {1000 * r['step_median_ms']:.0f} µs "
+            f"| {1000 * r['step_p99_ms']:.0f} µs | {r['mse']:.5f} | {100 * r['mse_rel']:+.2f}% | {r['bas']:.4f} "
+            f"| {r['bas_diff']:+.4f} | {r['max_abs_err']:.4f} | {r['mean_abs_err']:.5f} "
+            f"| {r['err_first_fifth']:.5f} / {r['err_last_fifth']:.5f} | {r['heading_err_end_deg']:.1f}° |")
+    return "\n".join(lines)
