@@ -363,7 +363,7 @@ def run(args) -> tuple[str, bool]:
         work.mkdir(parents=True)
         shutil.copy2(__file__, work / "probe.py")
         shutil.copytree(bundle, work / "bundle")
-        song = REPO_SONG = work / "song.wav"
+        song = work / "song.wav"
         from device.demo import write_song
         write_song(song, seconds=args.seconds)
         steps.append(("copy working tree + song + bundle", f"{n} files to ROOT{SRC}", time.perf_counter() - t0))

@@ -64,7 +64,9 @@ def build_manifest(blob_path: pathlib.Path, models: cv.KerasModels, mode: str, *
         "keypoints": list(KEYPOINTS),
         "normalization": {
             "applied_by": "model",
-            "folded_into": "enc_lstm_0 kernel and bias (the device feeds features as device.features makes them)",
+            "folded_into": "the input kernel and bias of enc_lstm_0" + (" and of the decoder LSTM's feature rows"
+                                                                        if getattr(models.mcfg, "skip_features", False) else "")
+                           + " (the device feeds the features as device.features makes them)",
             "feat_mean": [float(v) for v in models.feat_mean],
             "feat_inv_std": [float(v) for v in models.feat_inv_std],
         },

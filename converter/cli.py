@@ -93,19 +93,22 @@ def cmd_report(args) -> int:
     root = pathlib.Path(args.bundles) if args.bundles else pathlib.Path(tempfile.mkdtemp(prefix="edgedance-report-"))
     rows, details = [], {}
     float_size = None
-    for mode in cv.QUANTIZE_MODES:
-        blob = cv.to_tflite(models, mode, samples if mode in ("int8", "int16x8") else None)
+    variants = [(mode, mode, {}) for mode in cv.QUANTIZE_MODES]
+    variants.append(("int8, states not tied", "int8", {"tie_states": False}))  # the tie's effect
+    variants.append(("int8, calibrated input", "int8", {"fixed_input": False}))  # the fixed 1/127 input's
+    for label, mode, kw in variants:
+        blob = cv.to_tflite(models, mode, samples if mode in ("int8", "int16x8") else None, **kw)
         if mode == "float":
             float_size = len(blob)
-        out = bundle.write_bundle(root / mode, blob, models, mode, training=_training_summary(args.run, train, val, diff))
-        row, res = _validate(models, out, val, ref, kf, mode, float_size)
+        out = bundle.write_bundle(root / label.replace(", ", "-").replace(" ", "_"), blob, models, mode,
+                                  training=_training_summary(args.run, train, val, diff))
+        row, res = _validate(models, out, val, ref, kf, label, float_size)
         bundle.update_manifest(out, metrics={"held_out": row, "songs": res["songs"], "keras_float": kf["mean"]})
         rows.append(row)
-        details[mode] = res
+        details[label] = res
         print(validate.markdown_table([row]).splitlines()[-1], flush=True)
     md = report_markdown(args, models, val, kf, rows, details, diff, len(samples))
-    pathlib.Path(args.md).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(args.md).write_text(md, encoding="utf-8")
+    write_section(pathlib.Path(args.md), md)
     print(f"wrote {args.md}; bundles in {root}")
     return 0
 
@@ -137,6 +140,22 @@ def report_markdown(args, models, val, kf, rows, details, diff, n_samples) -> st
                      + " | ".join(f"{details[r['variant']]['songs'][i]['mse']:.5f}" for r in rows)
                      + f" | {ks['bas']:.4f} | " + " | ".join(f"{details[r['variant']]['songs'][i]['bas']:.4f}" for r in rows) + " |")
     return "\n".join(lines) + "\n"
+
+
+BEGIN, END = "<!-- converter report: begin -->", "<!-- converter report: end -->"
+
+
+def write_section(path: pathlib.Path, md: str) -> None:
+    """Replace the text between the report markers of an existing document (the prose around
+    it stays), or write a new document."""
+    block = f"{BEGIN}\n{md}{END}\n"
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) + 1:]
+    else:
+        text = text + ("\n" if text else "") + block
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
 
 
 def cmd_test_bundle(args) -> int:

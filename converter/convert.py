@@ -11,8 +11,10 @@ Two decisions shape the converted graph:
 * Feature normalisation is folded into the first encoder LSTM. The trainer's step model
   starts with `feat_norm` ((x - mean) * inv_std); with a small std that multiplies some
   columns by up to 1000, and a per-tensor int8 scale after it would crush the others. The
-  converter sets `feat_norm` to identity and moves it into `enc_lstm_0`'s input kernel and
-  bias (W' = diag(inv_std) W, b' = b - (mean * inv_std) W; exact in float), where int8 weights
+  converter sets `feat_norm` to identity and moves it into the input kernel and bias of every
+  LSTM that reads the normalised features (`enc_lstm_0`; with `skip_features` also the
+  decoder's rows for them): W' = diag(inv_std) W, b' = b - (mean * inv_std) W, exact in
+  float, where int8 weights
   are quantized per output channel. The graph then takes the features as
   `device.features` makes them: every column a fixed affine map of an integer quantity,
   clipped to [-1, 1]. For int8 the converter then pins the input's quantization to
@@ -235,13 +237,25 @@ def folded_clone(models: KerasModels):
     tm.copy_weights(models.step, clone)
     n = models.signature.n_features
     clone.get_layer("feat_norm").set_weights([np.zeros(n, np.float32), np.ones(n, np.float32)])
-    cell = clone.get_layer("enc_lstm_0")
-    kernel, recurrent, bias = cell.get_weights()  # (F, 4U), (U, 4U), (4U,)
     m, s = models.feat_mean.astype(np.float64), models.feat_inv_std.astype(np.float64)
-    k64 = kernel.astype(np.float64)
-    cell.set_weights([(s[:, None] * k64).astype(np.float32), recurrent,
-                      (bias - (m * s) @ k64).astype(np.float32)])
+    _fold_rows(clone.get_layer("enc_lstm_0"), 0, m, s)
+    mcfg = models.mcfg
+    if getattr(mcfg, "skip_features", False):  # the decoder also sees the normalised features
+        offset = mcfg.units * (1 + bool(mcfg.attention))  # decoder input: [h, ctx, xn, prev pose]
+        _fold_rows(clone.get_layer("decoder").lstm, offset, m, s)
     return clone
+
+
+def _fold_rows(cell, offset: int, mean: np.ndarray, inv_std: np.ndarray) -> None:
+    """An LSTM cell whose input rows offset..offset+F take (x - mean) * inv_std: take x instead.
+    z = xn W + b = x (diag(inv_std) W) + (b - (mean * inv_std) W)."""
+    kernel, recurrent, bias = cell.get_weights()  # (in, 4U), (U, 4U), (4U,)
+    F = mean.shape[0]
+    rows = kernel[offset:offset + F].astype(np.float64)  # (F, 4U)
+    assert rows.shape[0] == F, (cell.name, kernel.shape, offset, F)
+    kernel = kernel.copy()
+    kernel[offset:offset + F] = (inv_std[:, None] * rows).astype(np.float32)
+    cell.set_weights([kernel, recurrent, (bias - (mean * inv_std) @ rows).astype(np.float32)])
 
 
 FIXED_INPUT_SCALE = 1.0 / 127  # device.features: every column in [-1, 1] -> q = round(127 x)
@@ -274,6 +288,18 @@ def _retune_quantization(blob: bytes, plan) -> bytes:
     return bytes(b.Output())
 
 
+def _concat_inputs(model, sg) -> set[int]:
+    """Tensors that enter a CONCATENATION: XNNPACK wants one scale across its inputs."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    out = set()
+    for op in sg.operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        if max(code.builtinCode, code.deprecatedBuiltinCode) == schema.BuiltinOperator.CONCATENATION:
+            out.update(int(i) for i in op.inputs)
+    return out
+
+
 def fix_input_quantization(blob: bytes, input_name: str = FEATURE_INPUT, scale: float = FIXED_INPUT_SCALE,
                            zero_point: int = 0) -> bytes:
     """Pin an int8 input's quantization to a fixed (scale, zero point): for the features,
@@ -281,6 +307,9 @@ def fix_input_quantization(blob: bytes, input_name: str = FEATURE_INPUT, scale: 
     def plan(model, sg, inputs, outputs):
         if input_name not in inputs:
             raise ConversionError(f"fix_input_quantization: no signature input {input_name!r}")
+        if inputs[input_name] in _concat_inputs(model, sg):
+            log.warning("input %s enters a concatenation: keeping its calibrated quantization", input_name)
+            return {}
         return {inputs[input_name]: (scale, zero_point)}
     return _retune_quantization(blob, plan)
 
@@ -290,16 +319,10 @@ def tie_state_quantization(blob: bytes, sig: StepSignature) -> bytes:
     device copies the integers back unchanged: no re-quantization step and no extra rounding
     per frame. The calibrator sees inputs and outputs of the same distribution, so the
     ranges (and scales) differ by a few percent only."""
-    from tensorflow.lite.python import schema_py_generated as schema
-
     keys = {name: key for key, name in output_names(sig).items()}
 
     def plan(model, sg, inputs, outputs):
-        concat_inputs = set()
-        for op in sg.operators:
-            code = model.operatorCodes[op.opcodeIndex]
-            if max(code.builtinCode, code.deprecatedBuiltinCode) == schema.BuiltinOperator.CONCATENATION:
-                concat_inputs.update(int(i) for i in op.inputs)
+        concat_inputs = _concat_inputs(model, sg)
         out = {}
         for a, b in sig.states:
             if inputs[a] in concat_inputs:
@@ -310,7 +333,8 @@ def tie_state_quantization(blob: bytes, sig: StepSignature) -> bytes:
     return _retune_quantization(blob, plan)
 
 
-def to_tflite(models: KerasModels, mode: str, samples: list[dict] | None = None, fixed_input: bool = True) -> bytes:
+def to_tflite(models: KerasModels, mode: str, samples: list[dict] | None = None, fixed_input: bool = True,
+              tie_states: bool = True) -> bytes:
     """Convert the step model (normalisation folded in) to a TFLite flatbuffer."""
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
@@ -351,7 +375,7 @@ def to_tflite(models: KerasModels, mode: str, samples: list[dict] | None = None,
                 blob = conv.convert()
         except Exception as e:  # the converter raises ConverterError, RuntimeError, ValueError...
             raise ConversionError(f"TFLite conversion ({mode}) of {models.source or 'the step model'} failed: {e}") from e
-    if mode in ("int8", "int16x8"):
+    if mode in ("int8", "int16x8") and tie_states:
         blob = tie_state_quantization(blob, sig)
     if mode == "int8" and fixed_input:
         blob = fix_input_quantization(blob)

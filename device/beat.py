@@ -49,11 +49,15 @@ ONSET_SD_FLOOR = 0.05    # in log-flux units, so digital silence does not divide
 ONSET_MAX = 50.0         # normalized onset clipped here
 COMB_WEIGHTS = (1.0, 0.5, 1 / 3, 0.25)  # comb: a lag L is scored on L, 2L, 3L, 4L with these weights
 N_HARMONICS = len(COMB_WEIGHTS)
+ACF_TAU_FRACTION = 1 / 3  # autocorrelation time constant = tempo_window_s / 3 (95 % of the weight inside)
 TEMPO_EVERY = 10         # hops between tempo read-outs (0.1 s)
 TEMPO_WARMUP_S = 2.5     # no tempo (bpm 0, no beats) before this much audio
 PRIOR_BPM = 110.0        # centre of the log-Gaussian tempo prior (ballroom/pop median)
 PRIOR_OCTAVES = 0.8      # its standard deviation in octaves
-OCTAVE_UP_RATIO = 0.85   # double-time wins if its autocorrelation peak is 85 % of the slow one's (0 = off)
+FAST_TAU_S = 1.0         # memory of the tempo-change detector's autocorrelation (seconds)
+FAST_MARGIN = 0.3        # it must score 30 % above the current tempo ...
+FAST_VOTES = 5           # ... at 5 read-outs in a row (0.5 s) to force a tempo change
+RESCORE_ON_JUMP = True   # rebuild the cumulative score when the tempo jumps
 TEMPO_SWITCH = 0.10      # a different tempo must score 10 % better than the current one
 TEMPO_FOLLOW = 0.05      # the current tempo follows its peak within +-5 %
 CUM_ALPHA = 0.9          # weight of the past in the cumulative beat score
@@ -91,7 +95,9 @@ class BeatTracker:
         self.min_lag = int(math.floor(60.0 * fr / cfg.max_bpm))  # 30 hops = 200 BPM
         self.max_lag = int(math.ceil(60.0 * fr / cfg.min_bpm))   # 100 hops = 60 BPM
         self.acf_len = N_HARMONICS * self.max_lag + N_HARMONICS  # 404: comb reach incl. tolerance
-        self.acf_decay = math.exp(-1.0 / (cfg.tempo_window_s / 3.0 * fr))
+        self.acf_tau = cfg.tempo_window_s * ACF_TAU_FRACTION  # seconds
+        self.acf_decay = math.exp(-1.0 / (self.acf_tau * fr))
+        self.fast_decay = math.exp(-1.0 / (FAST_TAU_S * fr))
         self.mean_a = 1.0 / (ONSET_MEAN_S * fr)
         self.sd_a = 1.0 / (ONSET_SD_S * fr)
         self.level_a = 1.0 / (LEVEL_S * fr)
@@ -103,9 +109,6 @@ class BeatTracker:
         # Comb read-out: for harmonic k the max over lags k*L-(k-1) .. k*L+(k-1).
         self.comb_idx = [k * lags[:, None] + np.arange(-(k - 1), k)[None, :] for k in range(1, N_HARMONICS + 1)]
         bpm = 60.0 * fr / lags
-        # octave pairs (L, 2L) inside the lag range, as indices into lags
-        fast = lags[2 * lags <= self.max_lag]
-        self.oct_fast, self.oct_slow = fast - self.min_lag, 2 * fast - self.min_lag
         self.log_prior = -0.5 * (np.log2(bpm / PRIOR_BPM) / PRIOR_OCTAVES) ** 2  # (n_lags,)
         self.cum_len = 2 * self.max_lag + 2  # cumulative-score history reaches back 2 periods
         self.hist_len = self.acf_len + 1
@@ -124,9 +127,12 @@ class BeatTracker:
         # are one contiguous slice buf[i % R + 1 : i % R + R + 1] (oldest .. newest).
         self.hist = np.zeros(2 * self.hist_len)  # centred onset for the autocorrelation
         self.cum = np.zeros(2 * self.cum_len)    # cumulative beat score
+        self.ons = np.zeros(2 * self.cum_len)    # normalized onset, same indexing
         self.flux = np.zeros((2 * self.flux_len, cfg.n_mels))  # per-band flux
         self.level_db = 0.0
         self.acf = np.zeros(self.acf_len + 1)   # exponentially weighted autocorrelation
+        self.acf_fast = np.zeros(self.acf_len + 1)  # the same with a short memory (FAST_TAU_S)
+        self.fast_votes = 0
         self.period = 0.0  # beat period in hops, 0 = unknown
         self.cur_score = 0.0
         self._set_window(0.0)
@@ -210,8 +216,11 @@ class BeatTracker:
         self.hist[hi] = c
         self.hist[hi + self.hist_len] = c
         recent = self.hist[hi + 1: hi + self.hist_len + 1]  # (acf_len + 1,) oldest .. newest
+        prod = c * recent[::-1]  # c(t) c(t - L), (acf_len + 1,)
         self.acf *= self.acf_decay
-        self.acf += c * recent[::-1]  # acf[L] += c(t) c(t - L)
+        self.acf += prod
+        self.acf_fast *= self.fast_decay
+        self.acf_fast += prod
         if t >= self.warmup and t % TEMPO_EVERY == 0:
             self._update_tempo()
         # 3. cumulative beat score
@@ -223,6 +232,8 @@ class BeatTracker:
             score = o
         self.cum[ci] = score
         self.cum[ci + self.cum_len] = score
+        self.ons[ci] = o
+        self.ons[ci + self.cum_len] = o
         beat_time = None
         if self.period > 0:
             if self.next_beat is None and (self.predict_at is None or t >= self.predict_at):
@@ -232,43 +243,72 @@ class BeatTracker:
         self._update_accents()
         return o, beat_time
 
-    def _update_tempo(self) -> None:
-        a = self.acf
+    def _score(self, a: np.ndarray) -> np.ndarray | None:
+        """Log comb score + log prior per candidate lag, None while the autocorrelation is empty."""
         s = np.zeros(len(self.lags))
         for w, idx in zip(COMB_WEIGHTS, self.comb_idx):
             s += w * a[idx].max(axis=1)
         peak = float(s.max())
         if peak <= 0:
+            return None
+        return np.log(np.maximum(s / peak, 1e-6)) + self.log_prior  # (n_lags,)
+
+    def _near(self, s: np.ndarray, period: float) -> int:
+        lo = np.searchsorted(self.lags, period * (1 - TEMPO_FOLLOW))
+        hi = np.searchsorted(self.lags, period * (1 + TEMPO_FOLLOW), side="right")
+        hi = max(hi, lo + 1)
+        return lo + int(np.argmax(s[lo:hi]))
+
+    def _update_tempo(self) -> None:
+        s = self._score(self.acf)
+        if s is None:
             return
-        s = np.log(np.maximum(s / peak, 1e-6)) + self.log_prior  # log score
-        if OCTAVE_UP_RATIO > 0:
-            # Octave check: a slow candidate 2L whose double-time L has an autocorrelation peak
-            # nearly as strong (every beat alike, e.g. 180 BPM read as 90) scores no more than L.
-            pk = np.maximum(a[self.lags - 1], np.maximum(a[self.lags], a[self.lags + 1]))  # (n_lags,)
-            fast = self.oct_fast
-            slow = self.oct_slow
-            up = pk[fast] >= OCTAVE_UP_RATIO * pk[slow]
-            s[slow[up]] = np.minimum(s[slow[up]], s[fast[up]] - 1e-3)
         best = int(np.argmax(s))
         if self.period > 0:
-            lo = np.searchsorted(self.lags, self.period * (1 - TEMPO_FOLLOW))
-            hi = np.searchsorted(self.lags, self.period * (1 + TEMPO_FOLLOW), side="right")
-            hi = max(hi, lo + 1)
-            near = lo + int(np.argmax(s[lo:hi]))
+            near = self._near(s, self.period)
             if s[best] < s[near] + math.log1p(TEMPO_SWITCH):
                 best = near
+            # Tempo change: the short-memory autocorrelation has clearly and steadily moved
+            # elsewhere; take its tempo and let the long one start over from it.
+            sf = self._score(self.acf_fast)
+            if sf is not None:
+                fb = int(np.argmax(sf))
+                moved = abs(self.lags[fb] - self.lags[best]) > TEMPO_FOLLOW * self.lags[best]
+                if moved and sf[fb] > sf[self._near(sf, self.lags[best])] + math.log1p(FAST_MARGIN):
+                    self.fast_votes += 1
+                else:
+                    self.fast_votes = 0
+                if self.fast_votes >= FAST_VOTES:
+                    best, s = fb, sf
+                    self.acf[:] = self.acf_fast * (self.acf_tau / FAST_TAU_S)
+                    self.fast_votes = 0
         period = float(self.lags[best])
         if 0 < best < len(s) - 1:  # parabolic interpolation of the peak
             y0, y1, y2 = s[best - 1], s[best], s[best + 1]
             den = y0 - 2 * y1 + y2
             if den < 0:
                 period += 0.5 * (y0 - y2) / den
+        jump = self.period > 0 and abs(period - self.period) > TEMPO_FOLLOW * self.period
         if self.period <= 0:
             log.debug("hop %d: first tempo %.1f BPM", self.t, 60 * self.fr / period)
-        elif abs(period - self.period) > 0.05 * self.period:
+        elif jump:
             log.debug("hop %d: tempo %.1f -> %.1f BPM", self.t, 60 * self.fr / self.period, 60 * self.fr / period)
         self.period = period
         self._set_window(period)
+        if jump and RESCORE_ON_JUMP:
+            self._rescore()
+
+    def _rescore(self) -> None:
+        """After a tempo jump, rebuild the cumulative score of the last 2 periods with the new
+        period, so the old tempo's phase does not linger (it would lock to off-beats)."""
+        n, ci = self.cum_len, self.t % self.cum_len
+        ons = self.ons[ci + 1: ci + n + 1]  # oldest .. now
+        buf = ons.copy()
+        for x in range(self.v_hi, n):
+            buf[x] = (1 - CUM_ALPHA) * ons[x] + CUM_ALPHA * float(np.max(buf[x - self.v_hi: x - self.v_lo + 1] * self.w1))
+        idx = np.arange(self.t - n + 1, self.t + 1) % n  # ring positions of those hops
+        self.cum[idx] = buf
+        self.cum[idx + n] = buf
 
     def _predict_next(self) -> None:
         """Project the cumulative score one period ahead and put the next beat at its peak."""

@@ -15,6 +15,8 @@ import sys
 
 import numpy as np
 
+from device import pipeline, selftest
+
 log = logging.getLogger(__name__)
 
 EXIT_USAGE = 2
@@ -100,6 +102,12 @@ def _summary(f, path: str) -> str:
 COMMANDS: dict[str, tuple] = {
     "beats": (add_beats, cmd_beats, "print the causal beat tracker's beat times, seconds, one per line"),
     "features": (add_features, cmd_features, "compute the model's input features (pose rate, fixed-point Mel + beat)"),
+    "generate": (pipeline.add_generate, pipeline.cmd_generate, "poses for an audio file through the device pipeline "
+                 "(TFLite), no broker: P.npy (T, 14, 2) + P.heading.npy"),
+    "run": (pipeline.add_run, pipeline.cmd_run, "the live job: microphone (or file / stdin) -> poses -> MQTT"),
+    "selftest": (selftest.add_selftest, selftest.cmd_selftest, "on-device checks, one PASS/FAIL line each; "
+                 "non-zero exit on failure"),
+    "devices": (pipeline.add_devices, pipeline.cmd_devices, "list the microphones PortAudio sees"),
 }
 
 

@@ -354,15 +354,22 @@ class StreamingModel:
         self._rng = np.random.default_rng(seed)
         self._seed = seed
 
-        # States: the input buffer fed each frame, and how to carry the output back into it.
+        # States: the input buffer fed each frame and how the output gets back into it: a copy
+        # when both carry the same quantization (the converter ties them where it can), else a
+        # lookup table over every integer value: real = (q_out - zo) * s_out = (q_in - zi) * s_in.
         self._states = []
         for a, b in bundle.states:
             ti, to = ins[a], outs[b]
             buf = np.zeros(ti.shape, np.dtype(ti.dtype))
-            same = ti.scale == to.scale and ti.zero_point == to.zero_point
-            ratio = (to.scale / ti.scale) if ti.scale else 1.0
-            self._states.append((in_idx[ti.key], out_idx[to.key], buf, same, ratio, to.zero_point, ti.zero_point,
-                                 _qrange(buf.dtype) if ti.scale else None, ti))
+            lut = None
+            if ti.scale and (ti.scale != to.scale or ti.zero_point != to.zero_point):
+                info = np.iinfo(buf.dtype)
+                q = np.arange(info.min, info.max + 1, dtype=np.float64)
+                lut = np.clip(np.rint((q - to.zero_point) * (to.scale / ti.scale)) + ti.zero_point,
+                              info.min, info.max).astype(buf.dtype)
+                lut = np.roll(lut, info.min)  # index by the unsigned view of q_out
+            self._states.append((in_idx[ti.key], out_idx[to.key], buf, lut,
+                                 np.dtype(f"uint{8 * buf.itemsize}") if lut is not None else None, ti))
         tp = next(t for t in outs.values() if t.role == "pose")
         th = next(t for t in outs.values() if t.role == "heading")
         self._pose_idx, self._pose_q = out_idx[tp.key], (tp.scale or 1.0, tp.zero_point if tp.scale else 0)
@@ -381,8 +388,8 @@ class StreamingModel:
 
     def reset(self):
         """Start of a new stream: all-zero states (the model's start), heading 0."""
-        for *_, buf, _same, _r, _zo, zi, _rng, ti in self._states:
-            buf.fill(zi if ti.scale else 0)  # real value 0
+        for _i, _o, buf, _lut, _u, ti in self._states:
+            buf.fill(ti.zero_point if ti.scale else 0)  # real value 0
         self.heading = 0.0
         self._rng = np.random.default_rng(self._seed)
         if self._noise is not None:
@@ -416,12 +423,12 @@ class StreamingModel:
         for i_idx, _o, buf, *_ in self._states:
             interp.set_tensor(i_idx, buf)
         interp.invoke()
-        for _i, o_idx, buf, same, ratio, zo, zi, rng, _t in self._states:
+        for _i, o_idx, buf, lut, udtype, _t in self._states:
             out = interp.get_tensor(o_idx)
-            if same:
+            if lut is None:
                 buf[...] = out
-            else:  # re-quantize: real = (q_out - zo) * s_out = (q_in - zi) * s_in
-                buf[...] = np.clip(np.rint((out.astype(np.float32) - zo) * ratio) + zi, *rng)
+            else:
+                np.take(lut, out.view(udtype), out=buf)
         s, z = self._pose_q
         p = interp.get_tensor(self._pose_idx).reshape(N_KEYPOINTS, 2)
         np.multiply(np.subtract(p, z, dtype=np.float32), s, out=self._pose)

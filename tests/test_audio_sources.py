@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 
 from device.audio import (AudioError, FileSource, MicSource, StdinSource, StreamResampler, list_devices,
-                          open_source, resample)
+                          load_file, open_source, resample)
 
 SR = 16000
 
@@ -105,7 +105,7 @@ def test_mic_captures_what_pulseaudio_plays(pulse, tmp_path, rates_hz):
     assert m > SR, f"only {m} samples overlap"
     rho = float(np.dot(seg, r) / (np.linalg.norm(seg) * np.linalg.norm(r) + 1e-12))
     assert rho > 0.9, f"captured audio correlates only {rho:.2f} with the played file (lag {lag})"
-    assert 0 <= lag < SR * 2
+    assert -SR // 2 < lag < SR * 2, f"captured audio is shifted by {lag} samples"
 
 
 def test_mic_errors_list_the_devices(pulse):
@@ -126,6 +126,7 @@ def test_file_source_paces_in_real_time(tmp_path):
     with FileSource(wav, realtime=True) as src:
         chunks = list(src)
     took = time.monotonic() - t0
+    x = load_file(wav)  # (file int16 -> float -> int16 may move a sample by one LSB)
     assert np.array_equal(np.concatenate([c.pcm for c in chunks]), x)
     assert 0.45 < took < 0.9, f"0.5 s of audio delivered in {took:.2f} s"
     assert all(len(c.pcm) == 160 for c in chunks)
@@ -167,10 +168,16 @@ def test_stdin_source_resamples_48k():
     x48 = _pattern(1.0, 48000)
     raw = (np.clip(x48, -1, 1) * 32767).round().astype("<i2")
     r, w = os.pipe()
-    with os.fdopen(w, "wb") as f:
-        f.write(raw.tobytes())
+
+    def writer():
+        with os.fdopen(w, "wb") as f:
+            f.write(raw.tobytes())
+
+    th = threading.Thread(target=writer)
+    th.start()
     with os.fdopen(r, "rb") as f, StdinSource(48000, stream=f) as src:
         got = np.concatenate([c.pcm for c in src]).astype(np.float32) / 32767
+    th.join()
     ref = resample(raw.astype(np.float32) / 32767, 48000, SR)
     assert abs(len(got) - len(ref)) <= 16
     assert np.abs(got - ref[:len(got)]).max() < 2 / 32767
@@ -188,7 +195,7 @@ def test_stream_resampler_equals_batch(sr_in):
         i += n
     got = np.concatenate(out)
     ref = resample(x, sr_in, SR)
-    assert len(ref) - len(got) <= 16 and len(got) > 0.99 * SR
+    assert len(ref) - len(got) <= r.width and len(got) > 0.99 * SR
     np.testing.assert_array_equal(got, ref[:len(got)])
 
 

@@ -212,3 +212,26 @@ def test_real_dance(real_data, tmp_path):
     assert np.abs(d.poses).max() < 0.95
     assert len(d.features.x) == d.n_frames and len(d.features.beat_times) > 20
     assert 0.9 < np.mean(np.abs(d.poses[:, KP["l_shoulder"], 0] - d.poses[:, KP["r_shoulder"], 0])) * 120 / 25 < 1.3
+
+
+def test_split_never_puts_an_oversized_group_in_validation():
+    base = _dance("x", 0).poses
+    big = [_dance(f"DANCE_W_{i}", i, poses=np.concatenate([base, base[:30] + 0.01 * i])) for i in range(6)]
+    rest = [_dance(f"DANCE_W_{i}", i) for i in range(6, 10)]
+    for seed in range(10):
+        train, val = split_by_dance(big + rest, 0.2, seed=seed)
+        assert {d.name for d in val} <= {d.name for d in rest} and len(val) == 2
+
+
+@pytest.mark.realdata
+def test_real_split_keeps_reused_waltz_motion_in_training(real_data):
+    """16 waltzes reuse the same captured motion: they must never straddle train and validation."""
+    ds = [Dance(name=p.name, style=dataset.style_of(p.name), pcm=np.zeros(0, np.int16),
+                poses=dataset.skeleton.to_body_frame(dataset.read_skeletons(p)[0])[0], heading=None, features=None)
+          for p in dataset.dance_folders(real_data)]
+    big = max(dataset.shared_motion_groups(ds), key=len)
+    assert {"DANCE_W_1", "DANCE_W_11", "DANCE_W_26", "DANCE_W_33"} <= set(big)
+    train, val = split_by_dance(ds, 0.2, seed=0)
+    vn = {d.name for d in val}
+    assert not vn & set(big)
+    assert {d.style for d in val} == {"C", "R", "W"}

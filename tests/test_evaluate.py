@@ -27,7 +27,8 @@ def beat_motion(T, period_s, seed=0, amp=0.1, phase=0.0):
 
 def fake_features(T, bpm, meter=3):
     beat = 60.0 / bpm
-    return types.SimpleNamespace(bpm=np.full(T, bpm), meter=np.full(T, meter),
+    t = np.arange(T) / FPS
+    return types.SimpleNamespace(bpm=np.full(T, bpm), meter=np.full(T, meter), phase=(t / beat) % 1.0,
                                  beat_times=np.arange(0, T / FPS, beat))
 
 
@@ -103,6 +104,9 @@ def test_bas_prefers_motion_stopping_on_beats():
 
     on, off = evaluate.bas(motion(0.0), beats), evaluate.bas(motion(0.125), beats)
     assert on > 0.8 and off < 0.3
+    f = fake_features(T, bpm)
+    assert evaluate.beat_phase_locking(motion(0.0), f) > 0.9
+    assert evaluate.beat_phase_locking(beat_motion(T, 0.437), f) < 0.4
 
 
 def test_diversity():
@@ -155,6 +159,8 @@ def test_tempo_response_of_a_beat_driven_generator():
     d = fake_dance(np.zeros((len(pcm) // 640, 14, 2)), pcm=pcm)
     r = evaluate.tempo_response(beat_generator, d)
     assert r["pass"], r
+    for rate, v in r["rates"].items():
+        assert v["period_scale"] == pytest.approx(1 / float(rate), rel=0.05)
     # and a generator deaf to the music fails
     deaf = lambda pcm: beat_motion(len(pcm) // 640, 0.5)  # noqa: E731
     r2 = evaluate.tempo_response(deaf, d)

@@ -46,3 +46,20 @@ def other_song(dance, train_dances, seed: int = 0, same_style: bool = True, grou
     rng = np.random.default_rng(seed)
     src = pool[int(rng.integers(len(pool)))]
     return loop_to_length(src.poses, dance.n_frames).astype(np.float32), src.name
+
+
+def beat_puppet(pcm: np.ndarray, pose: np.ndarray, cfg=None, amplitude: float = 0.05) -> np.ndarray:
+    """A trivial listener: the given (14, 2) pose bobbing down on every beat of the device's own
+    beat tracker (body dips at beat phase 0), ankles planted. (T, 14, 2), T = len(pcm) // 640.
+    It shows what following the beat alone looks like, and it validates the tempo-response measure."""
+    from device import features
+    from device.contract import DEFAULT_FEATURES, KP
+
+    cfg = cfg or DEFAULT_FEATURES
+    ff = features.extract(np.asarray(pcm, np.int16), cfg)
+    dip = -amplitude * np.cos(2 * np.pi * np.asarray(ff.phase, np.float64))  # (T,) lowest on the beat
+    dip[np.asarray(ff.bpm) <= 0] = 0.0  # still until the tracker has a tempo
+    out = np.repeat(np.asarray(pose, np.float32)[None], len(ff.x), axis=0)
+    out[:, :, 1] += dip[:, None]
+    out[:, [KP["l_ankle"], KP["r_ankle"]], 1] = pose[[KP["l_ankle"], KP["r_ankle"]], 1]
+    return np.clip(out, -1, 1).astype(np.float32)

@@ -39,6 +39,8 @@ class TrainConfig:
     """Previous-pose feedback into the decoder (scheduled sampling)."""
     dec_units: int = 256
     """Decoder LSTM cell units."""
+    skip_features: bool = True
+    """Feed the normalised music features straight to the decoder too (beat/bar phase)."""
     noise_dims: int = 0
     """Slowly varying noise input size (0 = none)."""
     noise_smooth_frames: float = 25.0
@@ -70,12 +72,12 @@ class TrainConfig:
     """TensorFlow intra-op threads (inter-op is 1); the machine has 2 cores."""
     # --- losses ---
     w_pose: float = 1.0
-    """Weight of the pose MSE."""
-    w_vel: float = 0.5
+    """Weight of the pose MSE (scaled by 1/pose variance, so 1.0 = the mean pose's error)."""
+    w_vel: float = 0.1
     """Weight of the velocity MSE (frame differences vs ground truth), scaled by 1/vel variance."""
     w_acc: float = 0.1
     """Weight of the acceleration penalty: mean squared second difference, relative to ground truth's."""
-    w_energy: float = 0.3
+    w_energy: float = 0.5
     """Weight of the motion-energy loss: (log mean speed generated - log mean speed ground truth)^2."""
     w_heading: float = 0.1
     """Weight of the heading-change MSE (in units of its training std)."""

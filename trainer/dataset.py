@@ -274,8 +274,9 @@ def load_dataset(root: str | os.PathLike, cfg: FeatureConfig = DEFAULT_FEATURES,
 def shared_motion_groups(dances, min_shared_frames: int = 25) -> list[list[str]]:
     """Groups of dances that share identical motion (>= min_shared_frames equal pose frames).
 
-    Several waltzes of the release reuse the same captured motion under different songs
-    (e.g. DANCE_W_1 and DANCE_W_11 share their first 12 s); a split must keep them together."""
+    Compared in the body frame (a 1.2 mm grid), so reuse under a different room orientation counts.
+    16 of the release's 23 waltzes reuse the same captured motion under different songs (e.g.
+    DANCE_W_1 and DANCE_W_11 share their first 12 s); a split must keep them together."""
     parent = {d.name: d.name for d in dances}
 
     def find(a):
@@ -309,7 +310,8 @@ def shared_motion_groups(dances, min_shared_frames: int = 25) -> list[list[str]]
 def split_by_dance(dances, val_fraction: float = 0.2, seed: int = 0):
     """(train, val) lists of Dance: by dance, never by frame; stratified by style; dances that
     share motion stay on the same side; deterministic for a seed. Each style with at least two
-    groups contributes round(val_fraction * its dances) (at least 1) to validation."""
+    groups contributes up to round(val_fraction * its dances) (at least 1) to validation, in whole
+    groups (a group larger than that goes to training)."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     names = [d.name for d in dances]
@@ -328,17 +330,15 @@ def split_by_dance(dances, val_fraction: float = 0.2, seed: int = 0):
         if len(gs) < 2:
             continue  # a style with a single group cannot be on both sides: keep it for training
         want = max(1, int(round(val_fraction * n_style)))
-        order = rng.permutation(len(gs))
         got = 0
-        for i in order:
-            if got >= want:
-                break
-            if got + len(gs[i]) > want and got > 0:
-                continue
-            if sum(len(g) for g in gs) - got - len(gs[i]) <= 0:
-                continue
-            val_names.update(gs[i])
-            got += len(gs[i])
+        for i in rng.permutation(len(gs)):
+            if got + len(gs[i]) <= want:
+                val_names.update(gs[i])
+                got += len(gs[i])
+        if got == 0:  # every group is larger than wanted: the smallest one, if training keeps some
+            small = min(gs, key=len)
+            if len(small) < n_style:
+                val_names.update(small)
     train = [d for d in dances if d.name not in val_names]
     val = [d for d in dances if d.name in val_names]
     if not val or not train:

@@ -51,6 +51,9 @@ class ModelConfig:
     """ours: feed the previous pose back into the decoder (scheduled sampling in training)."""
     dec_units: int = 256
     """ours: LSTM units of the decoder cell."""
+    skip_features: bool = True
+    """ours: also feed the (normalised) music features straight to the decoder, so beat and bar
+    phase reach it without passing through the encoder stack."""
     noise_dims: int = 0
     """ours: size of a slowly varying random input vector (0 = deterministic model)."""
     dropout: float = 0.1
@@ -265,7 +268,7 @@ def build_sequence_model(mcfg: ModelConfig, n_features: int):
     if mcfg.kind == "ours" and mcfg.noise_dims and not mcfg.feedback:
         raise ValueError("ModelConfig: noise_dims > 0 needs feedback=True (the noise enters with the fed-back pose)")
     inputs = _seq_inputs(mcfg, n_features)
-    h = FeatureNorm(n_features, name="feat_norm")(inputs["x"])
+    h = xn = FeatureNorm(n_features, name="feat_norm")(inputs["x"])
     if mcfg.kind == "ours":
         for i in range(mcfg.layers):
             h = layers.LSTM(mcfg.units, return_sequences=True, name=f"enc_lstm_{i}")(h)
@@ -274,7 +277,9 @@ def build_sequence_model(mcfg: ModelConfig, n_features: int):
         parts = [h]
         if mcfg.attention:
             parts.append(CausalAttention(mcfg.units, mcfg.lookback, name="attention")(h))
-        music_dims = mcfg.units * len(parts)
+        if mcfg.skip_features:
+            parts.append(xn)
+        music_dims = mcfg.units * (1 + mcfg.attention) + n_features * mcfg.skip_features
         if mcfg.feedback:
             parts += [inputs["prev"], inputs["tf_mask"]]
         if mcfg.noise_dims:
@@ -372,7 +377,7 @@ def build_step_model(mcfg: ModelConfig, n_features: int):
     for name, shape in step_state_specs(mcfg):
         inputs[name] = keras.Input(shape=shape, batch_size=1, name=name)
     outputs = {}
-    h = FeatureNorm(n_features, name="feat_norm")(x)
+    h = xn = FeatureNorm(n_features, name="feat_norm")(x)
     for i in range(mcfg.layers):
         cell = layers.LSTMCell(mcfg.units, name=f"enc_lstm_{i}")
         h, (hh, cc) = cell(h, [inputs[f"enc_h_{i}"], inputs[f"enc_c_{i}"]])
@@ -382,7 +387,9 @@ def build_step_model(mcfg: ModelConfig, n_features: int):
         ctx, buf = CausalAttention(mcfg.units, mcfg.lookback, step=True, name="attention")([h, inputs["att_buf"]])
         parts.append(ctx)
         outputs["att_buf_out"] = buf
-    music_dims = mcfg.units * len(parts)
+    if mcfg.skip_features:
+        parts.append(xn)
+    music_dims = mcfg.units * (1 + mcfg.attention) + n_features * mcfg.skip_features
     dec_parts = list(parts)
     if mcfg.noise_dims:
         dec_parts.append(inputs["noise"])
@@ -463,7 +470,10 @@ def _compiled(model):
     if fn is None:
         import tensorflow as tf
 
-        fn = tf.function(lambda feed: model(feed, training=False), reduce_retracing=True)
+        def infer(feed):
+            return model(feed, training=False)
+
+        fn = tf.function(infer, reduce_retracing=True, autograph=False)
         model._edgedance_infer = fn
     return fn
 

@@ -140,6 +140,7 @@ def tf_prob(cfg: TrainConfig, epoch: int) -> float:
 def make_loss_fn(cfg: TrainConfig, norm: dict):
     import tensorflow as tf
 
+    pose_var = max(norm["pose_var"], 1e-8)
     vel_var = max(norm["vel_var"], 1e-8)
     acc_ms = max(norm["acc_ms"], 1e-8)
     dh_var = max(norm["dheading_std"], 1e-4) ** 2
@@ -150,7 +151,7 @@ def make_loss_fn(cfg: TrainConfig, norm: dict):
         pose_t, dh_t, valid = tgt["pose"], tgt["dheading"], tgt["valid"]
         vmask = valid[..., None]
         n = tf.reduce_sum(valid) * N_POSE + 1e-6
-        l_pose = tf.reduce_sum(tf.square(pose_p - pose_t) * vmask) / n
+        l_pose = tf.reduce_sum(tf.square(pose_p - pose_t) * vmask) / n / pose_var
         vp = pose_p[:, 1:] - pose_p[:, :-1]
         vt = pose_t[:, 1:] - pose_t[:, :-1]
         vv = (valid[:, 1:] * valid[:, :-1])[..., None]
