@@ -325,21 +325,26 @@ def make_bundle(tmp: pathlib.Path) -> pathlib.Path:
     return tmp / "bundle"
 
 
+def _step(steps: list, row: tuple) -> None:
+    log.info("%s: %s (%.0f s)", *row)
+    steps.append(row)
+
+
 def run(args) -> tuple[str, bool]:
     root = pathlib.Path(args.root).resolve()
     steps: list[tuple[str, str, float]] = []  # (step, result, seconds)
     t_all = time.perf_counter()
 
     installed = ensure_tools()
-    steps.append(("emulation tools (apt)", "installed " + " ".join(installed) if installed else "present", 0.0))
+    _step(steps, ("emulation tools (apt)", "installed " + " ".join(installed) if installed else "present", 0.0))
     fmt = ensure_binfmt()
     mirror = args.mirror or apt_mirror()
     secs = ensure_root(root, mirror)
-    steps.append((f"debootstrap arm64 {SUITE} minbase", f"from {mirror}" if secs else "cached in the root", secs))
+    _step(steps, (f"debootstrap arm64 {SUITE} minbase", f"from {mirror}" if secs else "cached in the root", secs))
     p, secs = in_root(root, ["/bin/true"], "running arm64 /bin/true in the root")
     elf = _run(["file", "-L", str(root / "bin" / "true")], "file(1)").stdout.split(":", 1)[1].split(",")[:2] \
         if shutil.which("file") else ["?"]
-    steps.append(("`chroot ROOT /bin/true`", f"exit 0 ({','.join(elf).strip()}); binfmt {fmt['interpreter']} "
+    _step(steps, ("`chroot ROOT /bin/true`", f"exit 0 ({','.join(elf).strip()}); binfmt {fmt['interpreter']} "
                   f"flags {fmt['flags']}", secs))
 
     bundle = pathlib.Path(args.bundle) if args.bundle else default_bundle()
@@ -352,7 +357,7 @@ def run(args) -> tuple[str, bool]:
             bundle = make_bundle(tmp)
             bundle_note = ("none shipped (`models/default` missing): a random-weight int8 test bundle of the "
                            "real architecture (`converter.bundle.make_test_bundle`), made on x86")
-            steps.append(("test bundle on x86", "made", time.perf_counter() - t0))
+            _step(steps, ("test bundle on x86", "made", time.perf_counter() - t0))
 
         # 3. source, venv, install
         t0 = time.perf_counter()
@@ -366,22 +371,22 @@ def run(args) -> tuple[str, bool]:
         song = work / "song.wav"
         from device.demo import write_song
         write_song(song, seconds=args.seconds)
-        steps.append(("copy working tree + song + bundle", f"{n} files to ROOT{SRC}", time.perf_counter() - t0))
+        _step(steps, ("copy working tree + song + bundle", f"{n} files to ROOT{SRC}", time.perf_counter() - t0))
         venv = root / VENV.lstrip("/")
         if venv.exists():
             shutil.rmtree(venv)
         _, secs = in_root(root, ["python3", "-m", "venv", VENV], "creating the venv")
-        steps.append(("`python3 -m venv`", VENV, secs))
+        _step(steps, ("`python3 -m venv`", VENV, secs))
         p, secs = in_root(root, [f"{VENV}/bin/pip", "install", f"{SRC}[device]"], "pip install '.[device]' on arm64",
                           timeout=TIMEOUT_S["install"])
         (tmp / "pip.log").write_text(p.stdout + p.stderr)
-        steps.append(("`pip install '.[device]'`", "ok", secs))
+        _step(steps, ("`pip install '.[device]'`", "ok", secs))
         p, _ = in_root(root, [f"{VENV}/bin/pip", "list", "--format=json"], "pip list")
         dists = {d["name"].lower(): d["version"] for d in json.loads(p.stdout)}
         p, secs = in_root(root, [f"{VENV}/bin/python", "-c", "import tensorflow"], "import tensorflow", check=False)
         no_tf = p.returncode != 0 and "No module named 'tensorflow'" in p.stderr and "tensorflow" not in dists
         ok &= no_tf
-        steps.append(("`import tensorflow` fails", "yes: ModuleNotFoundError, not installed" if no_tf
+        _step(steps, ("`import tensorflow` fails", "yes: ModuleNotFoundError, not installed" if no_tf
                       else f"NO (exit {p.returncode}): the device extra pulls TensorFlow", secs))
 
         # 4. the on-device self-test
@@ -391,11 +396,11 @@ def run(args) -> tuple[str, bool]:
                               "python -m device selftest", cwd=WORK, check=False)
             selftest_out = (p.stdout + p.stderr).strip()
             ok &= p.returncode == 0
-            steps.append(("`python -m device selftest`", "PASS (exit 0)" if p.returncode == 0
+            _step(steps, ("`python -m device selftest`", "PASS (exit 0)" if p.returncode == 0
                           else f"FAIL (exit {p.returncode})", secs))
         else:
             selftest_out = None
-            steps.append(("`python -m device selftest`", "not run: device/selftest.py does not exist yet "
+            _step(steps, ("`python -m device selftest`", "not run: device/selftest.py does not exist yet "
                           "(features + bundle load + steps below instead)", 0.0))
 
         # 5. the same song on both sides
@@ -406,7 +411,7 @@ def run(args) -> tuple[str, bool]:
         t_x86 = time.perf_counter() - t0
         _, t_arm = in_root(root, [f"{VENV}/bin/python", PROBE, "--probe", f"{WORK}/out", "--wav", f"{WORK}/song.wav",
                                   "--bundle", f"{WORK}/bundle"], "the probe on arm64", cwd=WORK)
-        steps.append(("probe (log-Mel, features, CLI, poses)", "x86 then arm64", t_x86 + t_arm))
+        _step(steps, ("probe (log-Mel, features, CLI, poses)", "x86 then arm64", t_x86 + t_arm))
         px86 = json.loads((x86_out / "probe.json").read_text())
         parm = json.loads((arm_out / "probe.json").read_text())
         cmp = compare(x86_out, arm_out)

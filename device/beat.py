@@ -55,7 +55,7 @@ TEMPO_WARMUP_S = 2.5     # no tempo (bpm 0, no beats) before this much audio
 PRIOR_BPM = 110.0        # centre of the log-Gaussian tempo prior (ballroom/pop median)
 PRIOR_OCTAVES = 0.8      # its standard deviation in octaves
 FAST_TAU_S = 1.0         # memory of the tempo-change detector's autocorrelation (seconds)
-FAST_MARGIN = 0.3        # it must score 30 % above the current tempo ...
+FAST_MARGIN = 0.6        # it must score 60 % above the current tempo ...
 FAST_VOTES = 5           # ... at 5 read-outs in a row (0.5 s) to force a tempo change
 RESCORE_ON_JUMP = True   # rebuild the cumulative score when the tempo jumps
 TEMPO_SWITCH = 0.10      # a different tempo must score 10 % better than the current one
@@ -66,7 +66,8 @@ LATENCY_HOPS = 1         # onset peaks lag the sound by ~ 20 ms (window centre);
 METER_MIN_BEATS = 12     # beats before a metre is declared
 METER_SMOOTH = 0.9       # per-beat decay of the 3- vs 4-apart distance averages
 METER_HYSTERESIS = 0.03  # relative distance margin to switch metre
-ACCENT_LOW_BANDS = 8     # Mel bands 0..7 (30 - ~330 Hz): the bass / kick accent for downbeats
+ACCENT_LOW_BANDS = 4     # Mel bands 0..3 (30 - ~200 Hz): their peak level at a beat is its downbeat accent
+DOWNBEAT_SWITCH_DB = 1.0 # another bar position must be 1 dB louder in the bass to become the downbeat
 ACCENT_SMOOTH = 0.8      # per-visit decay of each bar position's accent average
 ACCENT_PRE, ACCENT_POST = 3, 5  # hops around a beat summed into its accent vector
 
@@ -129,6 +130,7 @@ class BeatTracker:
         self.cum = np.zeros(2 * self.cum_len)    # cumulative beat score
         self.ons = np.zeros(2 * self.cum_len)    # normalized onset, same indexing
         self.flux = np.zeros((2 * self.flux_len, cfg.n_mels))  # per-band flux
+        self.low = np.zeros(2 * self.flux_len)  # mean dB of the lowest Mel bands per hop
         self.level_db = 0.0
         self.acf = np.zeros(self.acf_len + 1)   # exponentially weighted autocorrelation
         self.acf_fast = np.zeros(self.acf_len + 1)  # the same with a short memory (FAST_TAU_S)
@@ -145,7 +147,8 @@ class BeatTracker:
         self.dist = {3: 0.0, 4: 0.0}
         self.n_dist = 0
         self.meter = 0
-        self.pos_accent = np.zeros(12)  # low-band accent per beat number mod 12 (lcm of 3 and 4)
+        self.pos_accent = np.zeros(12)  # bass level (dB) per beat number mod 12 (lcm of 3 and 4)
+        self.pos_seen = np.zeros(12, bool)
         self.downbeat = 0  # beat number mod meter that is the downbeat
         self.bar_beats = 4
 
@@ -201,6 +204,9 @@ class BeatTracker:
         fi = t % self.flux_len
         self.flux[fi] = diff
         self.flux[fi + self.flux_len] = diff
+        low = float(frame[:ACCENT_LOW_BANDS].mean()) / (1 << self.cfg.log_frac_bits)  # dB
+        self.low[fi] = low
+        self.low[fi + self.flux_len] = low
         raw = float(diff.sum()) / self.cfg.n_mels
         if self.n_seen == 0:
             self.o_mean = raw
@@ -346,11 +352,11 @@ class BeatTracker:
             win = self.flux[fi + 1: fi + self.flux_len + 1]  # (flux_len, n_mels) oldest .. now
             lo = self.flux_len - 1 - (t - (b - ACCENT_PRE))
             hi = self.flux_len - 1 - (t - (b + ACCENT_POST)) + 1
-            band = win[lo:hi].sum(axis=0)  # (n_mels,) int
-            vec = band
-            self._meter_update(n, vec)
+            vec = win[lo:hi].sum(axis=0)  # (n_mels,) accent vector
+            bass = float(self.low[fi + 1: fi + self.flux_len + 1][lo:hi].max())  # dB
+            self._meter_update(n, vec, bass)
 
-    def _meter_update(self, n: int, vec: np.ndarray) -> None:
+    def _meter_update(self, n: int, vec: np.ndarray, bass: float) -> None:
         self.accents.append(vec)
         if len(self.accents) > 5:
             self.accents.pop(0)
@@ -360,8 +366,11 @@ class BeatTracker:
                 d = float(np.abs(vec - self.accents[-1 - lag]).sum()) / norm
                 self.dist[lag] = METER_SMOOTH * self.dist[lag] + (1 - METER_SMOOTH) * d
             self.n_dist += 1
-        low = float(vec[:ACCENT_LOW_BANDS].sum())
-        self.pos_accent[n % 12] = ACCENT_SMOOTH * self.pos_accent[n % 12] + (1 - ACCENT_SMOOTH) * low
+        if self.pos_seen[n % 12]:
+            self.pos_accent[n % 12] = ACCENT_SMOOTH * self.pos_accent[n % 12] + (1 - ACCENT_SMOOTH) * bass
+        else:
+            self.pos_accent[n % 12] = bass
+            self.pos_seen[n % 12] = True
         if self.n_dist >= METER_MIN_BEATS:
             d3, d4 = self.dist[3], self.dist[4]
             rel = (d4 - d3) / (d3 + d4 + 1e-9)  # > 0: beats 3 apart are more alike -> 3/4
@@ -375,7 +384,7 @@ class BeatTracker:
         strength = [self.pos_accent[q::m].mean() for q in range(m)]
         best = int(np.argmax(strength))
         cur = self.downbeat % m
-        if m != self.bar_beats or strength[best] > 1.1 * strength[cur]:
+        if m != self.bar_beats or strength[best] > strength[cur] + DOWNBEAT_SWITCH_DB:
             self.downbeat = best
         self.bar_beats = m
 

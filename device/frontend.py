@@ -64,6 +64,7 @@ MEL_SHIFT = 15  # P_k >> 15 before the Q15 filterbank MAC: keeps every Mel sum b
 LUT_BITS = 12  # log2 table: the mantissa's top 12 fraction bits index it (4096 entries)
 DB_PER_LOG2 = round(10.0 * math.log10(2.0) * (1 << 24))  # 50504987: dB per octave of power, Q7.8 * 2**16
 MEL_MIN = 1 << 16  # Mel values are clamped up to this before the log (all below the floor, see setup)
+EARLY = 8  # the FFT's first log2(EARLY) stages run on a transposed layout (speed only)
 BLOCK_FRAMES = 128  # frames per vectorised block in batch use: (128, 2, 256) int64 = 0.5 MB
 _POW2 = np.array([1 << i for i in range(63)], dtype=np.int64)  # bitlen(x) = searchsorted(_POW2, x, 'right')
 
@@ -107,19 +108,26 @@ class Frontend:
 
         # Framing: frame j of a block gathers buf[j * hop + PERM]; PERM holds the even samples
         # (real parts of z) and the odd ones (imaginary parts) in bit-reversed order: a (2, k, M) layout.
+        # The first stages (butterflies within 8-point groups) run on the transposed layout
+        # (2, k, 8, M / 8) so numpy's inner loops are M / 8 long rather than 1, 2 or 4.
+        assert m % EARLY == 0, f"n_fft {n} must be at least {2 * EARLY}"
         br = _bitrev(self.log2_n - 1)
-        self._perm = np.stack([2 * br, 2 * br + 1])[:, None, :]  # (2, 1, M)
+        fft_order = np.stack([2 * br, 2 * br + 1])  # (2, M)
+        self._perm = fft_order.reshape(2, m // EARLY, EARLY).transpose(0, 2, 1).reshape(2, 1, m)  # (2, 1, M)
         # Window in Q15, pre-shifted by V so one rounding right shift by e normalises the frame.
         self.window_q15 = _q15(hann(n))  # (N,) <= 32768
         self._win = (self.window_q15 << self.data_bits)[self._perm]  # (2, 1, M) permuted, Q(15 + V)
 
         # Radix-2 stages: for half-size h the twiddles W_2h^j = c - j s, j < h, in Q15.
-        self._stages = []
+        self._early_stages, self._stages = [], []
         h = 1
         while h < m:
             ang = np.pi * np.arange(h) / h
             c, s = _q15(np.cos(ang)), _q15(np.sin(ang))
-            self._stages.append((h, c, np.stack([s, -s])[:, None, :]))  # (h,), (2, 1, h)
+            if h < EARLY:  # twiddles along the r axis of (2, k, g, h, M / 8)
+                self._early_stages.append((h, c[:, None], np.stack([s, -s])[:, None, None, :, None]))
+            else:
+                self._stages.append((h, c, np.stack([s, -s])[:, None, :]))  # (h,), (2, 1, h)
             h *= 2
         # Real-FFT split, k = 0 .. M: W_N^k = c - j s.
         k = np.arange(m + 1)
@@ -165,7 +173,9 @@ class Frontend:
         off = n_used + 1
         self._mel_idx = np.stack([hi[:-1], lo[:-1], off + hi[1:], off + lo[1:]])  # (4, n_mels)
         self._n_used = n_used
-        if np.any(hi - lo == 0):
+        self._seg_starts = lo  # (n_mels + 1,): segments tile the used bins, lo[j + 1] == hi[j]
+        self._reduceat = bool(np.all(hi > lo))  # np.add.reduceat needs non-empty spans
+        if not self._reduceat:
             log.warning("feature config %s: some Mel segments hold no FFT bin (bands too narrow for n_fft)",
                         self.cfg.config_hash())
 
@@ -218,19 +228,31 @@ class Frontend:
         x += (1 << e) >> 1
         x >>= e  # |v| <= 2**V
 
-        for h, c, s2 in self._stages:
-            v = x.reshape(2, k * m // (2 * h), 2, h)
-            a, b = v[:, :, 0], v[:, :, 1]  # (2, k * g, h)
+        xt = x.reshape(2, k, EARLY, m // EARLY)  # (2, k, r, G): FFT position G * 8 + r
+        for h, c, s2 in self._early_stages:
+            v = xt.reshape(2, k, EARLY // (2 * h), 2, h, m // EARLY)
+            a, b = v[:, :, :, 0], v[:, :, :, 1]  # (2, k, g, h, M / 8)
             if h == 1:  # W = 1
                 t = b.copy()
             elif h == 2:  # W = 1, -j: exact, -j (b_re + j b_im) = b_im - j b_re
                 t = b.copy()
-                np.multiply(b[::-1, :, 1], self._conj[:, :, 0], out=t[:, :, 1])
-            else:  # t = b * (c - j s) = [b_re c + b_im s, b_im c - b_re s], rounded Q15
+                np.multiply(b[::-1, :, :, 1], self._conj[:, :, :, None], out=t[:, :, :, 1])
+            else:  # t = b * (c - j s), rounded Q15, as below
                 t = b * c
                 t += b[::-1] * s2
                 t += 1 << (Q15 - 1)
                 t >>= Q15
+            np.subtract(a, t, out=b)
+            a += t
+        x = xt.transpose(0, 1, 3, 2).reshape(2, k, m)  # a copy, back in FFT order
+
+        for h, c, s2 in self._stages:
+            v = x.reshape(2, k * m // (2 * h), 2, h)
+            a, b = v[:, :, 0], v[:, :, 1]  # (2, k * g, h)
+            t = b * c  # t = b * (c - j s) = [b_re c + b_im s, b_im c - b_re s], rounded Q15
+            t += b[::-1] * s2
+            t += 1 << (Q15 - 1)
+            t >>= Q15
             np.subtract(a, t, out=b)
             a += t
 
@@ -254,11 +276,15 @@ class Frontend:
         p = za[0, :, self._k0: self._k1] + za[1, :, self._k0: self._k1]  # (k, n_used) <= 2**62
         p >>= MEL_SHIFT
 
-        acc = np.zeros((k, 2 * (self._n_used + 1)), dtype=np.int64)
-        np.cumsum(p * self.rise_q15, axis=1, out=acc[:, 1: self._n_used + 1])
-        np.cumsum(p * self.fall_q15, axis=1, out=acc[:, self._n_used + 2:])
-        g = acc[:, self._mel_idx]  # (k, 4, n_mels)
-        mel = g[:, 0] - g[:, 1] + g[:, 2] - g[:, 3]  # (k, n_mels) <= 2**62
+        if self._reduceat:  # span sums per segment: rise of segment m + fall of segment m + 1
+            mel = np.add.reduceat(p * self.rise_q15, self._seg_starts, axis=1)[:, :-1]  # (k, n_mels)
+            mel += np.add.reduceat(p * self.fall_q15, self._seg_starts, axis=1)[:, 1:]  # <= 2**62
+        else:  # the same sums from cumulative sums (handles empty segments)
+            acc = np.zeros((k, 2 * (self._n_used + 1)), dtype=np.int64)
+            np.cumsum(p * self.rise_q15, axis=1, out=acc[:, 1: self._n_used + 1])
+            np.cumsum(p * self.fall_q15, axis=1, out=acc[:, self._n_used + 2:])
+            g = acc[:, self._mel_idx]  # (k, 4, n_mels)
+            mel = g[:, 0] - g[:, 1] + g[:, 2] - g[:, 3]  # (k, n_mels) <= 2**62
 
         np.maximum(mel, MEL_MIN, out=mel)  # below the floor anyway (setup checks it)
         b = _bitlen(mel)  # 17 .. 62: log2 mel = b - 1 + log2(mant / 2**12)

@@ -17,10 +17,10 @@ One line per check, `PASS`, `FAIL` or `SKIP`, and exit code 1 if anything failed
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
-import os
 import pathlib
 import shutil
 import tempfile
@@ -176,6 +176,9 @@ def check_broker(settings, mode: str = "auto", timeout: float = 5.0) -> Result:
 
 
 def _round_trip(dev, host, port, settings, timeout, user=None, password=None, loop_user=None) -> Result:
+    """CONNACK with the device's credentials, a QoS 1 publish on its metrics topic with the
+    broker's PUBACK reason code (MQTT 5 says 'Not authorized' for an ACL refusal), and the
+    message read back by a listener when the ACL lets that listener read."""
     import paho.mqtt.client as mqtt
 
     from device import protocol
@@ -186,65 +189,72 @@ def _round_trip(dev, host, port, settings, timeout, user=None, password=None, lo
     else:
         pub = Publisher(dev, host, port, username=user or "", password=password or "")
     where = f"{host}:{port}"
-    with pub:
-        if not pub.wait_connected(timeout):
-            return Result("broker", "FAIL", f"no connection to {where} within {timeout:.0f} s "
-                          f"({pub.last_error or 'no answer'}); check mqtt.host/port/username/password/tls")
-        # the loopback listener: the device's own credentials if its ACL lets it read, else a reader's
-        sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        lu, lp = loop_user or (user, password)
-        if lu:
-            sub.username_pw_set(lu, lp)
-        if settings is not None and settings.mqtt.tls:
-            import ssl
-            sub.tls_set(ca_certs=settings.mqtt.cafile or None, certfile=settings.mqtt.certfile or None,
-                        keyfile=settings.mqtt.keyfile or None, cert_reqs=ssl.CERT_REQUIRED)
-            sub.tls_insecure_set(settings.mqtt.tls_insecure)
-        got, granted = threading.Event(), {}
-        t_arrive = {}
+    topic = protocol.topic(dev, "metrics")
+    ev = {k: threading.Event() for k in ("connack", "suback", "puback", "message")}
+    res: dict = {}
 
-        def on_subscribe(c, u, mid, rcs, p):
-            granted["rc"] = rcs[0]
+    def on_connect(c, u, f, rc, p):
+        res["connack"] = rc
+        ev["connack"].set()
 
-        def on_message(c, u, m):
+    def on_subscribe(c, u, mid, rcs, p):
+        ev["suback"].set()
+
+    def on_publish(c, u, mid, rc, p):
+        res["puback"], res["t_ack"] = rc, time.time()
+        ev["puback"].set()
+
+    def on_message(c, u, m):
+        with contextlib.suppress(protocol.ProtocolError):
+            if protocol.decode(m.payload, m.topic).get("selftest"):
+                res["t_msg"] = time.time()
+                ev["message"].set()
+
+    dev_c = pub._make_client()  # the device's own connection settings: credentials, TLS, will
+    dev_c.on_disconnect = dev_c.on_message = None
+    dev_c.on_connect, dev_c.on_publish = on_connect, on_publish
+    listener = pub._make_client()
+    listener._client_id = f"{pub.client_id}-listener".encode()
+    listener.will_clear()
+    if loop_user:
+        listener.username_pw_set(*loop_user)
+    listener.on_connect = listener.on_disconnect = None
+    listener.on_subscribe, listener.on_message = on_subscribe, on_message
+    started = []
+    try:
+        for c in (dev_c, listener):
             try:
-                d = protocol.decode(m.payload, m.topic)
-            except protocol.ProtocolError:
-                return
-            if d.get("selftest"):
-                t_arrive["t"] = time.time()
-                got.set()
-
-        sub.on_subscribe, sub.on_message = on_subscribe, on_message
-        try:
-            sub.connect(host, port)
-        except OSError as e:
-            return Result("broker", "FAIL", f"second connection to {where} failed: {e}")
-        sub.loop_start()
-        try:
-            sub.subscribe(protocol.topic(dev, "metrics"), qos=1)
-            end = time.monotonic() + timeout
-            while "rc" not in granted and time.monotonic() < end:
-                time.sleep(0.01)
-            t0 = time.time()
-            info = pub._client.publish(protocol.topic(dev, "metrics"), protocol.encode_json(
-                {"v": 1, "type": "metrics", "device": dev, "seq": 0, "t": t0, "selftest": True}), qos=1)
-            info.wait_for_publish(timeout)
-            acked = info.is_published()
-            rc = granted.get("rc")
-            if rc is not None and not rc.is_failure:
-                if got.wait(timeout):
-                    return Result("broker", "PASS", f"{where}: message round trip in "
-                                  f"{1000 * (t_arrive['t'] - t0):.1f} ms (publish, broker, subscribe)")
-                return Result("broker", "FAIL", f"{where}: published (acknowledged: {acked}) but nothing came back "
-                              f"within {timeout:.0f} s; check the broker's ACL")
-            if acked:
-                return Result("broker", "PASS", f"{where}: connected, publish acknowledged in "
-                              f"{1000 * (time.time() - t0):.1f} ms (the ACL lets this user write, not read back)")
-            return Result("broker", "FAIL", f"{where}: publish not acknowledged within {timeout:.0f} s")
-        finally:
-            sub.disconnect()
-            sub.loop_stop()
+                c.connect(host, port, keepalive=30)
+            except (OSError, ValueError) as e:
+                return Result("broker", "FAIL", f"cannot reach {where}: {e}; check mqtt.host, mqtt.port and tls")
+            c.loop_start()
+            started.append(c)
+        if not ev["connack"].wait(timeout):
+            return Result("broker", "FAIL", f"{where}: no CONNACK within {timeout:.0f} s")
+        if res["connack"].is_failure:
+            return Result("broker", "FAIL", f"{where}: connection refused ({res['connack']}) for user {user!r}; "
+                          "check mqtt.username and the password")
+        listener.subscribe(topic, qos=1)
+        ev["suback"].wait(timeout)
+        t0 = time.time()
+        dev_c.publish(topic, protocol.encode_json({"v": 1, "type": "metrics", "device": dev, "seq": 0, "t": t0,
+                                                   "selftest": True}), qos=1)
+        if not ev["puback"].wait(timeout):
+            return Result("broker", "FAIL", f"{where}: no PUBACK within {timeout:.0f} s")
+        rc = res["puback"]
+        if rc.is_failure:
+            return Result("broker", "FAIL", f"{where}: the broker refused the device's publish on {topic} ({rc}); "
+                          "check the ACL (the device user must write edgedance/v1/<id>/#)")
+        if ev["message"].wait(min(timeout, 2.0)):
+            return Result("broker", "PASS", f"{where}: message round trip in {1000 * (res['t_msg'] - t0):.1f} ms "
+                          "(device publish -> broker -> subscriber)")
+        return Result("broker", "PASS", f"{where}: connected as {user!r}, publish acknowledged ({rc}) in "
+                      f"{1000 * (res['t_ack'] - t0):.1f} ms; no read-back (the ACL lets the device write, not read)")
+    finally:
+        for c in started:
+            with contextlib.suppress(Exception):
+                c.disconnect()
+            c.loop_stop()
 
 
 def check_microphone(settings, seconds: float = 0.5) -> Result:

@@ -60,6 +60,7 @@ class PartitionProxy:
         self._writers: set = set()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
+        self.refusing = False  # new connections are closed at once (like a port with nothing listening)
 
     def __enter__(self):
         self._thread = threading.Thread(target=self._run, name="partition-proxy", daemon=True)
@@ -95,6 +96,9 @@ class PartitionProxy:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _handle(self, c_reader, c_writer):
+        if self.refusing:
+            c_writer.close()
+            return
         self.connections += 1
         self._writers.add(c_writer)
         await self._open.wait()  # during a partition the connection never reaches the broker
@@ -425,6 +429,69 @@ def device_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "device", *args]
 
 
+def device_run_argv(audio, bundle, host: str, port: int, password_file, *, device_id: str = "pi1",
+                    loop: bool = True, **settings) -> list[str]:
+    """`python -m device run` with a file source at real-time pace, as `device-<id>`; `settings` are
+    extra `section_key=value` pairs, e.g. mqtt_keepalive_s=5."""
+    argv = device_argv("run", "--file", str(audio), "--model", str(bundle), "--id", device_id, "--host", host,
+                       "--port", str(port), "--set", f"mqtt.username=device-{device_id}",
+                       "--set", f"mqtt.password_file={password_file}", "--set", f"audio.loop={str(loop).lower()}",
+                       "--set", "runtime.log_level=info")
+    for k, v in settings.items():
+        sec, key = k.split("_", 1)
+        argv += ["--set", f"{sec}.{key}={v}"]
+    return argv
+
+
+# --- what a fault cost -----------------------------------------------------------------
+
+def streams(items: list[Received], kind: str) -> list[list[Received]]:
+    """The decoded messages of one kind split into device runs (a run ends where `seq` goes back)."""
+    runs: list[list[Received]] = []
+    for r in items:
+        if r.kind != kind or r.msg is None or r.retained:
+            continue
+        if not runs or r.msg["seq"] < runs[-1][-1].msg["seq"]:
+            runs.append([])
+        runs[-1].append(r)
+    return runs
+
+
+def missing_seqs(run: list[Received]) -> list[int]:
+    """Sequence numbers absent between the first and the last one received (duplicates ignored)."""
+    seen = {r.msg["seq"] for r in run}
+    return [s for s in range(min(seen), max(seen) + 1) if s not in seen] if seen else []
+
+
+def gap_around(items: list[Received], kind: str, t: float) -> tuple[float, float]:
+    """(last arrival at or before t, first arrival after t) of one kind."""
+    before = [r.t for r in items if r.kind == kind and r.msg is not None and r.t <= t]
+    after = [r.t for r in items if r.kind == kind and r.msg is not None and r.t > t]
+    return (max(before) if before else float("nan"), min(after) if after else float("nan"))
+
+
+def robot_neutral_at(bus, cfg, since: float, tol_deg: float = 0.5) -> float | None:
+    """First control tick after `since` at which every servo is within tol of neutral (SimulatedBus trace)."""
+    neutral = cfg.to_servo(cfg.neutral)
+    ticks: dict[float, dict[int, float]] = {}
+    for t, ch, deg in list(bus.trace):
+        if t >= since:
+            ticks.setdefault(t, {})[ch] = deg
+    for t in sorted(ticks):
+        if all(abs(ticks[t].get(ch, neutral[ch]) - neutral[ch]) <= tol_deg for ch in neutral):
+            return t
+    return None
+
+
+def robot_moving_from(bus, cfg, since: float, tol_deg: float = 2.0) -> float | None:
+    """First time after `since` when some servo is more than tol away from neutral."""
+    neutral = cfg.to_servo(cfg.neutral)
+    for t, ch, deg in list(bus.trace):
+        if t >= since and abs(deg - neutral[ch]) > tol_deg:
+            return t
+    return None
+
+
 def wait_until(pred, timeout: float, step: float = 0.02):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -518,4 +585,273 @@ def hostile_payloads(device: str = "pi1") -> list[tuple[str, bytes, str]]:
         ("beat", json.dumps(dict(beat, beat_index="x")).encode(), "beat_index as a string"),
         ("metrics", b"\x00\x01\x02", "binary junk on metrics"),
     ]
+    return out
+
+
+# --- scenarios (shared by tests/test_faults.py and bench/faults.py) ---------------------
+
+class DeviceProcess:
+    """`argv` as a process (its own session), output to `log_path`; SIGTERM on exit (context manager)."""
+
+    def __init__(self, argv: list[str], log_path: pathlib.Path, cwd=REPO):
+        self.argv, self.log_path, self.cwd = argv, pathlib.Path(log_path), cwd
+        self.proc: subprocess.Popen | None = None
+        self.returncode: int | None = None
+
+    def __enter__(self):
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     cwd=self.cwd, start_new_session=True)
+        return self
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.returncode = self.proc.returncode
+        return self.returncode
+
+    def __exit__(self, *exc):
+        self.stop()
+        self._log.close()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class Scene:
+    """A broker on a fixed port, a recorder (the display's view: user `display`) and a simulated
+    robot (`subscribers.robot.follower.Follower` + `SimulatedBus`) following pi1 (context manager)."""
+
+    def __init__(self, workdir: pathlib.Path, *, websockets: bool = False):
+        from broker.launcher import Broker, free_port
+        self.workdir = pathlib.Path(workdir)
+        self.broker = Broker(self.workdir / "broker", devices=("pi1", "pi2"), tls=False, websockets=websockets,
+                             port=free_port())
+        self.stack = contextlib.ExitStack()
+
+    def __enter__(self):
+        from subscribers.robot.config import load_config
+        from subscribers.robot.drivers import SimulatedBus
+        from subscribers.robot.follower import Follower
+        b = self.stack.enter_context(self.broker)
+        self.stack.callback(self.broker.stop)  # also after a restart
+        self.password_file = self.workdir / "device-pi1.password"
+        self.password_file.write_text(b.credentials["device-pi1"] + "\n")
+        self.recorder = self.stack.enter_context(Recorder(b.host, b.port, "display", b.credentials["display"]))
+        self.robot_cfg = load_config()
+        self.bus = SimulatedBus()
+        self.robot = self.stack.enter_context(Follower(self.robot_cfg, self.bus, "pi1"))
+        if not self.robot.connect(b.host, b.port, user="robot", password=b.credentials["robot"]).wait(10):
+            raise RuntimeError("the robot could not connect")
+        return self
+
+    def __exit__(self, *exc):
+        self.stack.close()
+
+    def device_argv(self, song, bundle, port: int | None = None, **settings) -> list[str]:
+        return device_run_argv(song, bundle, self.broker.host, port or self.broker.port, self.password_file,
+                               **settings)
+
+    def wait_dancing(self, since: float = 0.0, seconds: float = 2.0, timeout: float = 40.0) -> float:
+        """Waits until `seconds` of poses arrived after `since`; returns the first one's arrival."""
+        first = self.recorder.wait_for(lambda m: True, timeout, "pose", since)
+        if first is None:
+            raise RuntimeError("no pose arrived")
+        ok = wait_until(lambda: len(self.recorder.snapshot("pose", since)) >= seconds * 25, timeout)
+        if not ok:
+            raise RuntimeError(f"poses stopped: {len(self.recorder.snapshot('pose', since))} arrived")
+        return first.t
+
+
+def _losses(items: list[Received]) -> dict:
+    pose_runs, beat_runs = streams(items, "pose"), streams(items, "beat")
+    return {
+        "poses": sum(len(r) for r in pose_runs),
+        "pose_lost": sum(len(missing_seqs(r)) for r in pose_runs),
+        "beats": sum(len(r) for r in beat_runs),
+        "beat_lost": sum(len(missing_seqs(r)) for r in beat_runs),
+        "beat_dup": sum(len(r) - len({x.msg["seq"] for x in r}) for r in beat_runs),
+        "runs": len(pose_runs),
+        "bad": sum(1 for r in items if r.msg is None),
+    }
+
+
+def _robot(sc: Scene, fault_t: float, back_t: float | None) -> dict:
+    cfg = sc.robot_cfg
+    neutral = robot_neutral_at(sc.bus, cfg, fault_t)
+    moving = robot_moving_from(sc.bus, cfg, back_t) if back_t else None
+    return {"robot_neutral_s": None if neutral is None else neutral - fault_t,
+            "robot_moving_again_s": None if moving is None or back_t is None else moving - back_t,
+            "robot_bound_s": cfg.watchdog_s + cfg.glide_s}
+
+
+def scenario_broker_restart(workdir, song, bundle, outage_s: float, after_s: float = 4.0) -> dict:
+    """The broker is SIGKILLed mid-song and started again on the same port after `outage_s`."""
+    workdir = pathlib.Path(workdir)
+    with Scene(workdir) as sc, PartitionProxy(sc.broker.host, sc.broker.port) as px, \
+            DeviceProcess(sc.device_argv(song, bundle, port=px.port), workdir / "device.log") as dev:
+        sc.wait_dancing(seconds=3)
+        t_kill = time.time()
+        os.kill(sc.broker.pid, signal.SIGKILL)
+        sc.broker._proc.wait()
+        time.sleep(outage_s)
+        px.refusing = True  # the device comes back through the proxy only once the observers are back
+        connects = len(sc.recorder.connects)
+        sc.broker.stop()
+        sc.broker.start()
+        t_up = time.time()
+        wait_until(lambda: len(sc.recorder.connects) > connects, 15)
+        time.sleep(0.2)  # their SUBSCRIBEs
+        px.refusing = False
+        t_open = time.time()
+        online = sc.recorder.wait_for(lambda m: m["state"] == "online", 40, "status", t_up)
+        first = sc.recorder.wait_for(lambda m: True, 40, "pose", t_up)
+        time.sleep(after_s)
+        rc = dev.stop()
+        time.sleep(0.5)
+        items = sc.recorder.snapshot()
+        out = {"fault": f"broker SIGKILL, restarted after {outage_s:.0f} s", "outage_s": t_up - t_kill,
+               "observers_back_s": t_open - t_up,
+               "online_after_up_s": online.t - t_up if online else None,
+               "pose_after_up_s": first.t - t_up if first else None,
+               "returncode": rc, "device_log": dev.log_text(), **_losses(items), **_robot(sc, t_kill, t_open)}
+        out["pose_gap_s"] = (first.t - gap_around(items, "pose", t_kill)[0]) if first else None
+    return out
+
+
+def scenario_device_kill(workdir, song, bundle, restart_sec: float, after_s: float = 4.0, page=None) -> dict:
+    """The device is SIGKILLed; a supervisor with systemd's Restart=on-failure policy starts it again.
+    `page`: an optional callable(event) the test uses to watch the real display page."""
+    workdir = pathlib.Path(workdir)
+    with Scene(workdir) as sc, Supervisor(sc.device_argv(song, bundle), restart_sec=restart_sec,
+                                          log_path=workdir / "device.log") as sup:
+        sc.wait_dancing(seconds=3)
+        boot = [b for _, s, b in sc.recorder.statuses() if s == "online"][-1]
+        t_kill = sup.kill(signal.SIGKILL)
+        offline = sc.recorder.wait_for(lambda m: m["state"] == "offline", 30, "status", t_kill)
+        page_offline = page("offline") if page else None
+        online = sc.recorder.wait_for(lambda m: m["state"] == "online" and m.get("boot") != boot, 60, "status", t_kill)
+        first = sc.recorder.wait_for(lambda m: True, 60, "pose", t_kill)
+        page_online = page("online") if page else None
+        time.sleep(after_s)
+        items = sc.recorder.snapshot()
+        out = {"fault": "device SIGKILL, supervisor restart", "restart_sec": restart_sec,
+               "offline_s": offline.t - t_kill if offline else None,
+               "offline_msg": offline.msg if offline else None,
+               "online_s": online.t - t_kill if online else None,
+               "pose_s": first.t - t_kill if first else None,
+               "restarted_after_s": sup.runs[1].started - t_kill if len(sup.runs) > 1 else None,
+               "supervisor_runs": [(r.returncode, r.started) for r in sup.runs],
+               "page_offline": page_offline, "page_online": page_online,
+               **_losses(items), **_robot(sc, t_kill, online.t if online else None)}
+        out["robot_neutral_after_offline_s"] = (out["robot_neutral_s"] - out["offline_s"]
+                                                if out["robot_neutral_s"] is not None and offline else None)
+    out["device_log"] = (workdir / "device.log").read_text(errors="replace")
+    out["final_returncode"] = sup.runs[-1].returncode
+    return out
+
+
+def scenario_partition(workdir, song, bundle, seconds: float, keepalive_s: int, after_s: float = 5.0) -> dict:
+    """The device's link to the broker is partitioned (PartitionProxy) for `seconds`."""
+    workdir = pathlib.Path(workdir)
+    with Scene(workdir) as sc, PartitionProxy(sc.broker.host, sc.broker.port) as px, \
+            DeviceProcess(sc.device_argv(song, bundle, port=px.port, mqtt_keepalive_s=keepalive_s),
+                          workdir / "device.log") as dev:
+        sc.wait_dancing(seconds=3)
+        boot = [b for _, s, b in sc.recorder.statuses() if s == "online"][-1]
+        t_cut = time.time()
+        px.partition()
+        time.sleep(seconds)
+        px.heal()
+        t_heal = time.time()
+        offline = [r for r in sc.recorder.snapshot("status", t_cut) if r.msg and r.msg["state"] == "offline"]
+        online = sc.recorder.wait_for(lambda m: m["state"] == "online", 60, "status", t_heal)
+        first = sc.recorder.wait_for(lambda m: True, 60, "pose", t_heal)
+        time.sleep(after_s)
+        rc = dev.stop()
+        time.sleep(0.5)
+        items = sc.recorder.snapshot()
+        beats_during = [r for r in items if r.kind == "beat" and r.msg and t_cut <= r.msg["t"] <= t_heal]
+        out = {"fault": f"partition {seconds:.0f} s (keepalive {keepalive_s} s)", "partition_s": t_heal - t_cut,
+               "offline_s": offline[0].t - t_cut if offline else None,
+               "online_after_heal_s": online.t - t_heal if online else None,
+               "pose_after_heal_s": first.t - t_heal if first else None,
+               "same_boot": bool(online and online.msg.get("boot") == boot),
+               "beats_made_during": len(beats_during),
+               "beats_made_during_late_s": max((r.t - r.msg["t"] for r in beats_during), default=0.0),
+               "returncode": rc, "device_log": dev.log_text(), **_losses(items),
+               **_robot(sc, t_cut, t_heal)}
+        out["beat_missing"] = [(s, [(round(r.msg["t"] - t_cut, 2), round(r.t - t_cut, 2)) for r in run
+                                    if abs(r.msg["seq"] - s) == 1])
+                               for run in streams(items, "beat") for s in missing_seqs(run)]
+    return out
+
+
+def scenario_stalled_subscriber(workdir, song, bundle, seconds: float, flood: int = 20000) -> dict:
+    """A subscriber to everything stops reading; a second device floods `flood` 1 kB QoS 1 messages too."""
+    workdir = pathlib.Path(workdir)
+    import numpy as np
+    with Scene(workdir) as sc, DeviceProcess(sc.device_argv(song, bundle), workdir / "device.log") as dev:
+        sc.wait_dancing(seconds=2)
+        base = [r.t - r.msg["t_capture"] for r in sc.recorder.snapshot("pose") if r.msg]
+        rss0 = process_rss_kb(sc.broker.pid)
+        b = sc.broker
+        with StalledSubscriber(b.host, b.port, "robot", b.credentials["robot"], "edgedance/v1/#", 1):
+            t0 = time.time()
+            pi2 = b.client("device-pi2")
+            payload = b"x" * 1000
+            for i in range(flood):
+                pi2.publish("edgedance/v1/pi2/metrics", payload, qos=1)
+                if i % 500 == 0:
+                    time.sleep(0.01)
+            rss_peak = rss0
+            while time.time() < t0 + seconds:
+                rss_peak = max(rss_peak, process_rss_kb(b.pid))
+                time.sleep(0.2)
+            during = [r.t - r.msg["t_capture"] for r in sc.recorder.snapshot("pose", t0) if r.msg]
+            ticks = sc.robot.ticks
+            alive = sc.robot.controller.frames
+            time.sleep(0.5)
+            robot_alive = sc.robot.ticks > ticks and sc.robot.controller.frames > alive
+            pi2.disconnect()
+            pi2.loop_stop()
+        rc = dev.stop()
+        time.sleep(0.3)
+        items = sc.recorder.snapshot()
+        log_text = b.log_file.read_text(errors="replace")
+        out = {"fault": f"a subscriber stops reading ({flood} x 1 kB QoS 1 flood beside the device)",
+               "broker_rss_kb": (rss0, rss_peak), "returncode": rc, "device_log": dev.log_text(),
+               "latency_ms_before": (float(np.median(base) * 1000), float(np.percentile(base, 99) * 1000)),
+               "latency_ms_during": (float(np.median(during) * 1000), float(np.percentile(during, 99) * 1000)),
+               "poses_during": len(during), "seconds": seconds, "robot_alive": robot_alive,
+               "broker_dropped_note": "dropped" in log_text.lower(), **_losses(items)}
+    return out
+
+
+def scenario_full_log_disk(workdir, song, bundle, seconds: float) -> dict:
+    """The device's stdout/stderr (its log) go to a file on a full tmpfs."""
+    workdir = pathlib.Path(workdir)
+    with tiny_tmpfs(64) as full, Scene(workdir) as sc:
+        log_path = full / "device.log"
+        argv = sc.device_argv(song, bundle, loop=False, runtime_max_seconds=seconds)
+        t0 = time.time()
+        with open(log_path, "ab") as logf:
+            proc = subprocess.Popen(argv, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, cwd=REPO,
+                                    start_new_session=True)
+            try:
+                rc = proc.wait(seconds + 60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        time.sleep(0.5)
+        items = sc.recorder.snapshot()
+        out = {"fault": "device log on a full disk", "returncode": rc, "wall_s": time.time() - t0,
+               "log_bytes": log_path.stat().st_size if log_path.exists() else 0,
+               "states": [s for _, s, _ in sc.recorder.statuses()], **_losses(items)}
     return out

@@ -53,8 +53,8 @@ def drum_track(segments, meter=4, seed=0, level=0.3, eighths=None):
             pos = n % meter
             if pos == 0:
                 downs.append(t)
-            if meter == 4:
-                hits = [(_kick, 1.0)] if pos in (0, 2) else [(_snare, 0.8)]
+            if meter == 4:  # the bar's first kick is the strongest, as a bar's first beat is
+                hits = [(_kick, 1.0 if pos == 0 else 0.6)] if pos in (0, 2) else [(_snare, 0.8)]
             else:
                 hits = [(_kick, 1.0)] if pos == 0 else [(_snare, 0.45)]
             hits.append((_hat, 0.5))

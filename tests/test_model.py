@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("tensorflow")
 
 from trainer.model import (N_OUT, N_POSE, ModelConfig, build_sequence_model, build_step_model, copy_weights,
-                           make_noise, run_free, run_step_model, set_normalization, step_state_specs)
+                           make_noise, run_free, run_step_model, set_gain, set_normalization, step_state_specs)
 
 pytestmark = pytest.mark.train
 F = 9
@@ -27,6 +27,8 @@ def _model(mcfg, seed=0):
 ])
 def test_step_model_matches_sequence_model_free_running(mcfg):
     seq = _model(mcfg)
+    if mcfg.output_gain:
+        set_gain(seq, 1.7)
     step = build_step_model(mcfg, F)
     assert copy_weights(seq, step) >= mcfg.layers + 2
     rng = np.random.default_rng(1)

@@ -23,7 +23,7 @@ from device.demo import DEMO_SAMPLE_RATE_HZ, synthesize_song
 from device.model import load_bundle
 from device.pipeline import Pipeline, generate, sd_notify
 from device.publish import Publisher
-from tests.test_publish import Sink
+from test_publish import Sink  # noqa: E402  (tests/ is on sys.path under pytest)
 
 DEV = "pi1"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

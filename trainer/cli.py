@@ -39,7 +39,7 @@ def cmd_experiments(args) -> int:
     from trainer.experiments import run_suite
 
     run_suite(args.suite, minutes_per_run=args.minutes_per_run, out_root=args.out, doc=args.doc,
-              only=args.only, report_only=args.report_only)
+              only=args.only, report_only=args.report_only, config_files=args.config or [], sets=args.set or [])
     return 0
 
 
@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--doc", default="docs/results/experiments.md", help="markdown report to write")
     e.add_argument("--only", action="append", help="run only these experiment names (repeatable)")
     e.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
+    e.add_argument("--config", action="append", help="base config override file for every run (repeatable)")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE", help="base config override for every run")
     return p
 
 

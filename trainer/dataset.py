@@ -186,7 +186,20 @@ def _features_from_npz(z) -> object:
 # --- one dance ---------------------------------------------------------------------------
 
 def _source_stamp(paths) -> str:
-    return ";".join(f"{p.name}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in paths)
+    files = ";".join(f"{p.name}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in paths)
+    return f"{files};code:{feature_code_digest()}"
+
+
+def feature_code_digest() -> str:
+    """A digest of the code behind the features: the config hash alone misses algorithm edits."""
+    import hashlib
+    import device.beat
+    import device.features
+    import device.frontend
+    h = hashlib.sha256()
+    for mod in (device.frontend, device.beat, device.features):
+        h.update(pathlib.Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:12]
 
 
 def load_dance(folder: str | os.PathLike, cfg: FeatureConfig = DEFAULT_FEATURES,

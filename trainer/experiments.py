@@ -34,7 +34,10 @@ LEVERS_SUITE: dict[str, tuple[str, dict]] = {
     "default_noise8": ("levers", {"noise_dims": 8}),
 }
 
-SUITES = {"paper": PAPER_SUITE, "levers": LEVERS_SUITE}
+BASELINES_SUITE: dict[str, tuple[str, dict]] = {
+    kind: ("baselines at lookback 15", {"kind": kind}) for kind in ("cnn", "am", "sa")}
+
+SUITES = {"paper": PAPER_SUITE, "levers": LEVERS_SUITE, "baselines": BASELINES_SUITE}
 
 # What the paper states (Wang 2023, PLoS ONE 18(5) e0285496). Only its abstract could be read
 # here; its Tables 2-3 (loss per configuration) could not be retrieved, so no per-row numbers.
@@ -139,7 +142,7 @@ def plot_suite(suite: str, rows: dict[str, dict], studies: dict[str, list[str]],
 
 def run_suite(suite: str, minutes_per_run: float = 4.0, out_root="runs/experiments",
               doc="docs/results/experiments.md", only=None, report_only: bool = False,
-              base: TrainConfig | None = None) -> dict[str, dict]:
+              base: TrainConfig | None = None, config_files=(), sets=()) -> dict[str, dict]:
     from trainer.train import load_data, train
 
     if suite not in SUITES:
@@ -151,8 +154,8 @@ def run_suite(suite: str, minutes_per_run: float = 4.0, out_root="runs/experimen
             raise ValueError(f"suite {suite!r} has no experiment(s) {unknown}; it has {sorted(exps)}")
         exps = {k: v for k, v in exps.items() if k in only}
     out_root = pathlib.Path(out_root) / suite
-    base = base or TrainConfig()
-    base = build_config([], [f"minutes={minutes_per_run}", "epochs=1000"], base=base)
+    base = build_config(config_files, list(sets) + [f"minutes={minutes_per_run}", "epochs=1000"],
+                        base=base or TrainConfig())
     data = None
     rows = {}
     for name, (study, overrides) in exps.items():

@@ -54,6 +54,10 @@ class ModelConfig:
     skip_features: bool = True
     """ours: also feed the (normalised) music features straight to the decoder, so beat and bar
     phase reach it without passing through the encoder stack."""
+    output_gain: bool = True
+    """ours: a calibrated gain on the pose's deviation from the mean pose, applied after the
+    feedback loop (pose = mean + g * (pose - mean), clipped to [-1, 1]); g is fitted after
+    training so the motion energy on the TRAINING dances matches theirs (g = 1 until then)."""
     noise_dims: int = 0
     """ours: size of a slowly varying random input vector (0 = deterministic model)."""
     dropout: float = 0.1
@@ -219,6 +223,29 @@ def _layers():
     return FeatureNorm, CausalAttention, DecoderCell
 
 
+def _gain_layer():
+    keras = _keras()
+    from keras import layers, ops
+
+    @keras.saving.register_keras_serializable("edgedance")
+    class PoseGain(layers.Layer):
+        """(..., 28 [+1]) -> the pose part scaled about the mean pose by g, clipped to [-1, 1];
+        anything after the 28 pose values passes through."""
+
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.mean = self.add_weight(shape=(N_POSE,), initializer="zeros", trainable=False, name="mean")
+            self.gain = self.add_weight(shape=(1,), initializer="ones", trainable=False, name="gain")
+
+        def call(self, y):
+            pose = ops.clip(self.mean + self.gain * (y[..., :N_POSE] - self.mean), -1.0, 1.0)
+            if y.shape[-1] == N_POSE:
+                return pose
+            return ops.concatenate([pose, y[..., N_POSE:]], axis=-1)
+
+    return PoseGain
+
+
 def _band_mask_layer():
     keras = _keras()
     from keras import layers, ops
@@ -288,6 +315,8 @@ def build_sequence_model(mcfg: ModelConfig, n_features: int):
         cell = DecoderCell(mcfg.dec_units, music_dims, feedback=mcfg.feedback, noise_dims=mcfg.noise_dims,
                            dropout=mcfg.dropout, name="decoder_cell")
         out = layers.RNN(cell, return_sequences=True, name="decoder")(dec_in)
+        if mcfg.output_gain:
+            out = _gain_layer()(name="pose_gain")(out)
     elif mcfg.kind == "cnn":
         out = _cnn(mcfg, h)
     elif mcfg.kind == "am":
@@ -397,7 +426,10 @@ def build_step_model(mcfg: ModelConfig, n_features: int):
     cell = DecoderCell(mcfg.dec_units, music_dims, feedback=mcfg.feedback, noise_dims=mcfg.noise_dims,
                        free_running=True, name="decoder")
     y, (dh_, dc_, own) = cell(dec_in, [inputs["dec_h"], inputs["dec_c"], inputs["prev_pose"]])
-    outputs["pose"] = layers.Identity(name="pose")(y[:, :N_POSE])
+    pose = y[:, :N_POSE]
+    if mcfg.output_gain:
+        pose = _gain_layer()(name="pose_gain")(pose)
+    outputs["pose"] = layers.Identity(name="pose")(pose)
     outputs["dheading"] = layers.Identity(name="dheading")(y[:, N_POSE:])
     outputs["dec_h_out"], outputs["dec_c_out"] = dh_, dc_
     outputs["prev_pose_out"] = own
@@ -427,6 +459,9 @@ def set_normalization(model, feat_mean, feat_std, pose_mean=None) -> None:
     model.get_layer("feat_norm").set_weights([np.asarray(feat_mean, np.float32), 1.0 / std])
     if pose_mean is not None:
         names = {l.name for l in model.layers}
+        if "pose_gain" in names:
+            g = model.get_layer("pose_gain")
+            g.set_weights([np.asarray(pose_mean, np.float32).reshape(N_POSE), g.get_weights()[1]])
         dec = model.get_layer("decoder") if "decoder" in names else None
         if dec is not None:
             w = dec.get_weights()
@@ -435,6 +470,12 @@ def set_normalization(model, feat_mean, feat_std, pose_mean=None) -> None:
             assert len(idx) == 1, [v.path for v in cell.weights]
             w[idx[0]] = np.asarray(pose_mean, np.float32).reshape(N_POSE)
             dec.set_weights(w)
+
+
+def set_gain(model, gain: float) -> None:
+    """Set the calibrated output gain of a model that has a 'pose_gain' layer."""
+    g = model.get_layer("pose_gain")
+    g.set_weights([g.get_weights()[0], np.array([gain], np.float32)])
 
 
 def make_noise(T: int, dims: int, rng: np.random.Generator, smooth_frames: float = 25.0) -> np.ndarray:

@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from trainer.config import TrainConfig, from_dict
-from trainer.model import N_POSE, ModelConfig, build_sequence_model, make_noise, run_free, set_normalization
+from trainer.model import N_POSE, ModelConfig, build_sequence_model, make_noise, run_free, set_gain, set_normalization
 
 log = logging.getLogger(__name__)
 
@@ -391,7 +391,16 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, train_dances=None,
     if not (run / "model.weights.h5").exists():
         model.save_weights(str(run / "model.weights.h5"))
     model.load_weights(str(run / "model.weights.h5"))
+    calibration = None
+    if mcfg.kind == "ours" and mcfg.output_gain:
+        calibration = calibrate_gain(model, mcfg, train_seqs, cfg)
+        uncal = {"gain": 1.0, **validate(model, mcfg, val_seqs, 0, pose_mean)}
+        set_gain(model, calibration["gain"])
+        model.save_weights(str(run / "model.weights.h5"))
+        calibration["val_uncalibrated"] = uncal
     metrics = final_metrics(model, mcfg, val_dances, val_seqs, train_seqs, pose_mean, fcfg)
+    if calibration is not None:
+        metrics["calibration"] = calibration
     secs = [h["seconds"] for h in history if h.get("steps")]
     metrics["training"] = {"stop_reason": stop_reason, "epochs": state["epoch"], "best_epoch": state["best_epoch"],
                            "train_seconds": state["train_seconds"], "params": n_params,
@@ -405,6 +414,21 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, train_dances=None,
         log.warning("plots failed: %s", e)
     log.info("done (%s): best epoch %d, %.0f s", stop_reason, state["best_epoch"], state["train_seconds"])
     return metrics
+
+
+def calibrate_gain(model, mcfg, train_seqs, cfg, max_dances: int = 10, max_frames: int = 1500) -> dict:
+    """Fit the output gain on TRAINING dances only: g = ground-truth joint-speed std / the
+    model's (free running, gain 1), clipped to [1, cfg.max_gain]."""
+    set_gain(model, 1.0)
+    ratios = []
+    for s in train_seqs[:: max(1, len(train_seqs) // max_dances)][:max_dances]:
+        T = min(len(s.x), max_frames)
+        pred = run_free(model, mcfg, s.x[:T])[:, :N_POSE]
+        ratios.append(quick_metrics(pred, s.pose[:T], s.pose.mean(0))["energy_ratio"])
+    e = float(np.median(ratios))
+    g = float(np.clip(1.0 / max(e, 1e-3), 1.0, cfg.max_gain))
+    log.info("output gain calibrated on %d training dances: energy ratio %.3f -> gain %.3f", len(ratios), e, g)
+    return {"gain": g, "train_energy_ratio_before": e, "dances": len(ratios)}
 
 
 def _evaluate_module():
