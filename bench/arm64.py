@@ -31,6 +31,7 @@ import os
 import pathlib
 import platform
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -52,12 +53,15 @@ SRC = "/opt/edgedance"
 VENV = "/opt/edgedance-venv"
 WORK = "/tmp/edgedance-arm64"
 PROBE = f"{WORK}/probe.py"
+HOST_CA = "/etc/ssl/certs/edgedance-host-ca.crt"  # the host's CA bundle, copied in while mounted
 CHROOT_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/root",
     "LANG": "C.UTF-8",
     "PIP_DISABLE_PIP_VERSION_CHECK": "1",
     "PYTHONUNBUFFERED": "1",
+    "PIP_CERT": HOST_CA,
+    "SSL_CERT_FILE": HOST_CA,
 }
 TIMEOUT_S = {"debootstrap": 3600, "install": 3600, "default": 1200}
 
@@ -170,6 +174,15 @@ def ensure_root(root: pathlib.Path, mirror: str) -> float:
     return time.perf_counter() - t0
 
 
+def host_ca_bundle() -> str:
+    for f in (os.environ.get("SSL_CERT_FILE"), ssl.get_default_verify_paths().cafile,
+              "/etc/ssl/certs/ca-certificates.crt"):
+        if f and os.path.isfile(f):
+            return f
+    raise Arm64Error("no CA bundle on this host (SSL_CERT_FILE, /etc/ssl/certs/ca-certificates.crt); "
+                     "install ca-certificates")
+
+
 @contextlib.contextmanager
 def mounted(root: pathlib.Path):
     """/proc and /dev inside the root for the duration (and the host's resolv.conf for pip);
@@ -187,6 +200,8 @@ def mounted(root: pathlib.Path):
         if resolv.is_symlink():
             resolv.unlink()
         shutil.copyfile("/etc/resolv.conf", resolv)
+        # pip inside trusts what the host trusts (e.g. a site's TLS-inspecting proxy CA).
+        shutil.copyfile(host_ca_bundle(), root / HOST_CA.lstrip("/"))
         yield
     finally:
         for target in reversed(done):

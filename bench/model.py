@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> str:
         det = runner.get_input_details()
         idx = {k: d["index"] for k, d in det.items()}
         out_idx = next(iter(runner.get_output_details().values()))["index"]
+        del runner, det  # a live signature runner counts as a reference to the tensors
         W = args.window
         win = np.zeros((1, W, F), np.float32)
         prev = np.zeros((1, W, 28), np.float32)

@@ -21,8 +21,8 @@ Per hop, from past audio only:
    at its maximum, weighted by a Gaussian around "last beat + P". Beats are therefore
    predicted before they happen and raised in the hop that contains them, corrected by
    the onset detector's latency (`LATENCY_HOPS`).
-4. **Metre and bar phase**: at each beat a 40-band accent vector (log of the band-wise
-   flux around the beat) is stored; the running mean distance between beats 3 apart and
+4. **Metre and bar phase**: at each beat a 40-band accent vector (the compressed band
+   magnitudes averaged over the hops around the beat) is stored; the running mean distance between beats 3 apart and
    4 apart decides 3/4 vs 4/4 (the bar repeats: same-position beats look alike), with
    hysteresis. The downbeat is the bar position with the strongest low-band accent.
 
@@ -64,12 +64,12 @@ CUM_ALPHA = 0.9          # weight of the past in the cumulative beat score
 CUM_TIGHTNESS = 5.0      # width of the log-Gaussian transition window (BTrack's value)
 LATENCY_HOPS = 1         # onset peaks lag the sound by ~ 20 ms (window centre); measured on clicks
 METER_MIN_BEATS = 12     # beats before a metre is declared
-METER_SMOOTH = 0.9       # per-beat decay of the 3- vs 4-apart distance averages
+METER_SMOOTH = 0.95      # per-beat decay of the 3- vs 4-apart distance averages
 METER_HYSTERESIS = 0.03  # relative distance margin to switch metre
 ACCENT_LOW_BANDS = 4     # Mel bands 0..3 (30 - ~200 Hz): their peak level at a beat is its downbeat accent
 DOWNBEAT_SWITCH_DB = 1.0 # another bar position must be 1 dB louder in the bass to become the downbeat
 ACCENT_SMOOTH = 0.8      # per-visit decay of each bar position's accent average
-ACCENT_PRE, ACCENT_POST = 3, 5  # hops around a beat summed into its accent vector
+ACCENT_PRE, ACCENT_POST = 3, 5  # hops around a beat averaged into its accent vector
 
 
 @dataclasses.dataclass
@@ -99,6 +99,10 @@ class BeatTracker:
         self.acf_tau = cfg.tempo_window_s * ACF_TAU_FRACTION  # seconds
         self.acf_decay = math.exp(-1.0 / (self.acf_tau * fr))
         self.fast_decay = math.exp(-1.0 / (FAST_TAU_S * fr))
+        self.decay2 = np.array([[self.acf_decay], [self.fast_decay]])  # (2, 1)
+        self.log2_gain = math.log2(ONSET_GAIN)
+        self.db_to_log2 = math.log2(10) / 20  # dB of amplitude -> log2 amplitude
+        self.low_scale = 1.0 / (ACCENT_LOW_BANDS * (1 << cfg.log_frac_bits))  # sum of Q7.8 -> mean dB
         self.mean_a = 1.0 / (ONSET_MEAN_S * fr)
         self.sd_a = 1.0 / (ONSET_SD_S * fr)
         self.level_a = 1.0 / (LEVEL_S * fr)
@@ -113,7 +117,7 @@ class BeatTracker:
         self.log_prior = -0.5 * (np.log2(bpm / PRIOR_BPM) / PRIOR_OCTAVES) ** 2  # (n_lags,)
         self.cum_len = 2 * self.max_lag + 2  # cumulative-score history reaches back 2 periods
         self.hist_len = self.acf_len + 1
-        self.flux_len = 64  # hops of per-band flux kept for accent vectors
+        self.flux_len = 64  # hops of band levels kept for the beats' accent vectors
         self.reset()
 
     def reset(self) -> None:
@@ -129,11 +133,12 @@ class BeatTracker:
         self.hist = np.zeros(2 * self.hist_len)  # centred onset for the autocorrelation
         self.cum = np.zeros(2 * self.cum_len)    # cumulative beat score
         self.ons = np.zeros(2 * self.cum_len)    # normalized onset, same indexing
-        self.flux = np.zeros((2 * self.flux_len, cfg.n_mels))  # per-band flux
+        self.comp_hist = np.zeros((2 * self.flux_len, cfg.n_mels))  # compressed magnitudes
         self.low = np.zeros(2 * self.flux_len)  # mean dB of the lowest Mel bands per hop
         self.level_db = 0.0
-        self.acf = np.zeros(self.acf_len + 1)   # exponentially weighted autocorrelation
-        self.acf_fast = np.zeros(self.acf_len + 1)  # the same with a short memory (FAST_TAU_S)
+        # exponentially weighted autocorrelations: long memory (tempo) and short (tempo changes)
+        self.acf2 = np.zeros((2, self.acf_len + 1))
+        self.acf, self.acf_fast = self.acf2[0], self.acf2[1]  # views
         self.fast_votes = 0
         self.period = 0.0  # beat period in hops, 0 = unknown
         self.cur_score = 0.0
@@ -176,15 +181,20 @@ class BeatTracker:
         is_beat = np.zeros(k, bool)
         next_in = np.zeros(k, np.float32)
         beats = []
-        m32 = mel.astype(np.float64)
+        m64 = mel.astype(np.float64)
         for j in range(k):
-            o, beat = self._hop(m32[j])
-            onset[j] = o
+            bpm[j], phase[j], bar_phase[j], meter[j], onset[j], beat, next_in[j] = self.step(m64[j])
             if beat is not None:
                 is_beat[j] = True
                 beats.append(beat)
-            bpm[j], phase[j], bar_phase[j], meter[j], next_in[j] = self._state()
         return BeatFrames(bpm, phase, bar_phase, meter, onset, is_beat, next_in, np.asarray(beats, np.float64))
+
+    def step(self, frame: np.ndarray) -> tuple[float, float, float, int, float, float | None, float]:
+        """One hop, frame (n_mels,) float64 holding the Q7.8 integers: (bpm, phase, bar_phase,
+        meter, onset, time of the beat raised in this hop or None, next_beat_in)."""
+        o, beat = self._hop(frame)
+        bpm, ph, bar, meter, nxt = self._state()
+        return bpm, ph, bar, meter, o, beat, nxt
 
     def _hop(self, frame: np.ndarray) -> tuple[float, float | None]:
         self.t += 1
@@ -194,17 +204,17 @@ class BeatTracker:
         if self.prev is None:
             self.level_db = peak_db
         self.level_db += self.level_a * (peak_db - self.level_db)
-        mag = np.exp2(frame * self.q78_to_log2 - self.level_db * (math.log2(10) / 20))  # (n_mels,) amplitude re level
-        comp = np.log1p(ONSET_GAIN * mag)  # (n_mels,)
+        # g * amplitude re level = 2 ** (q78 * q78_to_log2 - level_db * log2(10) / 20 + log2(g))
+        comp = np.log1p(np.exp2(frame * self.q78_to_log2 + (self.log2_gain - self.level_db * self.db_to_log2)))  # (n_mels,)
         if self.prev is None:
             diff = np.zeros_like(comp)
         else:
             diff = np.maximum(comp - self.prev, 0.0)  # (n_mels,)
         self.prev = comp
         fi = t % self.flux_len
-        self.flux[fi] = diff
-        self.flux[fi + self.flux_len] = diff
-        low = float(frame[:ACCENT_LOW_BANDS].mean()) / (1 << self.cfg.log_frac_bits)  # dB
+        self.comp_hist[fi] = comp
+        self.comp_hist[fi + self.flux_len] = comp
+        low = float(frame[:ACCENT_LOW_BANDS].sum()) * self.low_scale  # mean dB of the low bands
         self.low[fi] = low
         self.low[fi + self.flux_len] = low
         raw = float(diff.sum()) / self.cfg.n_mels
@@ -222,18 +232,15 @@ class BeatTracker:
         self.hist[hi] = c
         self.hist[hi + self.hist_len] = c
         recent = self.hist[hi + 1: hi + self.hist_len + 1]  # (acf_len + 1,) oldest .. newest
-        prod = c * recent[::-1]  # c(t) c(t - L), (acf_len + 1,)
-        self.acf *= self.acf_decay
-        self.acf += prod
-        self.acf_fast *= self.fast_decay
-        self.acf_fast += prod
+        self.acf2 *= self.decay2
+        self.acf2 += c * recent[::-1]  # acf[L] += c(t) c(t - L) in both memories
         if t >= self.warmup and t % TEMPO_EVERY == 0:
             self._update_tempo()
         # 3. cumulative beat score
         ci = t % self.cum_len
         if self.period > 0:
             past = self.cum[ci + self.cum_len - self.v_hi: ci + self.cum_len - self.v_lo + 1]
-            score = (1 - CUM_ALPHA) * o + CUM_ALPHA * float(np.max(past * self.w1))
+            score = (1 - CUM_ALPHA) * o + CUM_ALPHA * float((past * self.w1).max())
         else:
             score = o
         self.cum[ci] = score
@@ -349,10 +356,9 @@ class BeatTracker:
             if b - ACCENT_PRE <= t - self.flux_len:
                 continue
             fi = t % self.flux_len
-            win = self.flux[fi + 1: fi + self.flux_len + 1]  # (flux_len, n_mels) oldest .. now
-            lo = self.flux_len - 1 - (t - (b - ACCENT_PRE))
+            lo = self.flux_len - 1 - (t - (b - ACCENT_PRE))  # window in the oldest .. now slices
             hi = self.flux_len - 1 - (t - (b + ACCENT_POST)) + 1
-            vec = win[lo:hi].sum(axis=0)  # (n_mels,) accent vector
+            vec = self.comp_hist[fi + 1: fi + self.flux_len + 1][lo:hi].mean(axis=0)  # (n_mels,)
             bass = float(self.low[fi + 1: fi + self.flux_len + 1][lo:hi].max())  # dB
             self._meter_update(n, vec, bass)
 

@@ -31,12 +31,13 @@ a whole signal, so both are identical for any chunking.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import numpy as np
 
 from device.audio import load_file
-from device.beat import BeatFrames, BeatTracker
+from device.beat import BeatTracker
 from device.contract import DEFAULT_FEATURES, FeatureConfig
 from device.frontend import Frontend
 
@@ -115,81 +116,77 @@ class FeatureExtractor:
         self.loud_a = 1.0 / (LOUDNESS_S * cfg.pose_fps)
         self.silence_db = cfg.floor_db + SILENCE_DB
         self.n_feat = n_features(cfg)
+        self.q78_mean = 1.0 / (self.hops * (1 << cfg.log_frac_bits))  # sum of 4 Q7.8 values -> mean dB
+        self.beat_scale = [FEATURE_SCALE[name] for name in _BEAT_NAMES]
+        self.mel_off, self.mel_inv_scale = FEATURE_SCALE["mel"][0], 1.0 / FEATURE_SCALE["mel"][1]
+        self.inv_mels = 1.0 / cfg.n_mels
         self.reset()
 
     def reset(self) -> None:
         self.frontend.reset()
         self.tracker.reset()
-        self.pending_mel = np.zeros((0, self.cfg.n_mels), np.int16)
-        self.pending_beat = None
+        self.hop_in_frame = 0  # hops of the current pose frame seen so far
+        self.mel_sum = np.zeros(self.cfg.n_mels)  # (n_mels,) sum of its hops' Q7.8 values
+        self.onset_max = 0.0
+        self.any_beat = False
         self.loud_sum = 0.0  # bias-corrected EMA: R = loud_sum / loud_weight
         self.loud_weight = 0.0
 
     def process(self, pcm: np.ndarray) -> FeatureFrames:
         mel = self.frontend.process(pcm)  # (k, n_mels) int16
-        if mel.shape[0] == 0:
+        k = mel.shape[0]
+        n = (self.hop_in_frame + k) // self.hops  # pose frames completed by this chunk
+        if n == 0 and k == 0:
             return FeatureFrames.empty(self.cfg)
-        beat = self.tracker.process(mel)
-        mel = np.concatenate([self.pending_mel, mel])
-        if self.pending_beat is not None:
-            beat = _concat_beats(self.pending_beat, beat)
-        n_frames = mel.shape[0] // self.hops
-        used = n_frames * self.hops
-        self.pending_mel = mel[used:]
-        self.pending_beat = _slice_beats(beat, used, None)
-        if n_frames == 0:
-            return FeatureFrames.empty(self.cfg)
-        return self._frames(mel[:used], _slice_beats(beat, 0, used), n_frames)
+        m = self.cfg.n_mels
+        x = np.empty((n, self.n_feat), np.float32)
+        pooled = np.empty((n, m), np.float32)
+        cols = np.empty((7, n), np.float64)  # bpm, phase, bar_phase, meter, onset, is_beat, next_beat_in
+        beats = []
+        mel64 = mel.astype(np.float64)
+        i = 0
+        for j in range(k):
+            bpm, ph, bar, meter, onset, beat, nxt = self.tracker.step(mel64[j])
+            self.mel_sum += mel64[j]
+            self.onset_max = max(self.onset_max, onset)
+            if beat is not None:
+                self.any_beat = True
+                beats.append(beat)
+            self.hop_in_frame += 1
+            if self.hop_in_frame == self.hops:
+                cols[:, i] = (bpm, ph, bar, meter, self.onset_max, self.any_beat, nxt)
+                self._frame(x[i], pooled[i], bpm, ph, bar, meter)
+                self.hop_in_frame = 0
+                self.mel_sum[:] = 0.0
+                self.onset_max = 0.0
+                self.any_beat = False
+                i += 1
+        assert i == n
+        return FeatureFrames(x, cols[0].astype(np.float32), cols[1].astype(np.float32), cols[2].astype(np.float32),
+                             cols[3].astype(np.int8), cols[4].astype(np.float32), cols[5] > 0.5,
+                             cols[6].astype(np.float32), np.asarray(beats, np.float64), pooled)
 
-    def _frames(self, mel: np.ndarray, beat, n: int) -> FeatureFrames:
-        cfg, h = self.cfg, self.hops
-        mel_db = mel.reshape(n, h, cfg.n_mels).astype(np.float64).mean(axis=1) / (1 << cfg.log_frac_bits)  # (n, n_mels)
-        last = np.arange(n) * h + h - 1  # the last hop of each frame
-        onset = beat.onset.reshape(n, h).max(axis=1)
-        is_beat = beat.is_beat.reshape(n, h).any(axis=1)
-        bpm, phase, bar_phase = beat.bpm[last], beat.phase[last], beat.bar_phase[last]
-        meter, next_in = beat.meter[last], beat.next_beat_in[last]
-        loud = mel_db.mean(axis=1)  # (n,)
-        ref = np.empty(n)
-        for i in range(n):  # the running loudness: sequential, so streaming == batch exactly
-            if loud[i] > self.silence_db:
-                self.loud_sum = (1 - self.loud_a) * self.loud_sum + self.loud_a * loud[i]
-                self.loud_weight = (1 - self.loud_a) * self.loud_weight + self.loud_a
-            ref[i] = self.loud_sum / self.loud_weight if self.loud_weight > 0 else loud[i]
-        x = np.empty((n, self.n_feat), np.float64)
-        m = cfg.n_mels
-        off, sc = FEATURE_SCALE["mel"]
-        x[:, :m] = (mel_db - ref[:, None] - off) / sc
-        tempo = np.where(bpm > 0, np.log2(np.maximum(bpm, 1e-3) / TEMPO_REF_BPM), 0.0)
-        meter_raw = np.where(meter > 0, meter, 3.5)
-        cols = {
-            "onset": onset, "beat_sin": np.sin(2 * np.pi * phase), "beat_cos": np.cos(2 * np.pi * phase),
-            "bar_sin": np.sin(2 * np.pi * bar_phase), "bar_cos": np.cos(2 * np.pi * bar_phase),
-            "tempo": tempo, "beat": is_beat.astype(np.float64), "meter": meter_raw,
-        }
-        for j, name in enumerate(_BEAT_NAMES):
-            off, sc = FEATURE_SCALE[name]
-            x[:, m + j] = (np.asarray(cols[name], np.float64) - off) / sc
-        np.clip(x, -1.0, 1.0, out=x)
-        return FeatureFrames(x.astype(np.float32), bpm.astype(np.float32), phase.astype(np.float32),
-                             bar_phase.astype(np.float32), meter.astype(np.int8), onset.astype(np.float32),
-                             is_beat, next_in.astype(np.float32), beat.beat_times.copy(),
-                             mel_db.astype(np.float32))
-
-
-def _slice_beats(b: BeatFrames, start: int, stop: int | None) -> BeatFrames:
-    """Hops [start, stop) of a BeatFrames, with the beats raised in them (one per is_beat hop)."""
-    stop = b.onset.shape[0] if stop is None else stop
-    hop_idx = np.flatnonzero(b.is_beat)
-    assert len(hop_idx) == len(b.beat_times)
-    keep = (hop_idx >= start) & (hop_idx < stop)
-    return BeatFrames(b.bpm[start:stop], b.phase[start:stop], b.bar_phase[start:stop], b.meter[start:stop],
-                      b.onset[start:stop], b.is_beat[start:stop], b.next_beat_in[start:stop], b.beat_times[keep])
-
-
-def _concat_beats(a: BeatFrames, b: BeatFrames) -> BeatFrames:
-    return BeatFrames(*[np.concatenate([getattr(a, f.name), getattr(b, f.name)])
-                        for f in dataclasses.fields(BeatFrames)])
+    def _frame(self, x: np.ndarray, pooled: np.ndarray, bpm: float, ph: float, bar: float, meter: int) -> None:
+        """Fill one row of x (F,) and of the pooled Mel (n_mels,) from the finished frame."""
+        m = self.cfg.n_mels
+        mel_db = self.mel_sum * self.q78_mean  # (n_mels,) mean of the hops, dB
+        pooled[:] = mel_db
+        loud = float(mel_db.sum()) * self.inv_mels
+        if loud > self.silence_db:
+            self.loud_sum = (1 - self.loud_a) * self.loud_sum + self.loud_a * loud
+            self.loud_weight = (1 - self.loud_a) * self.loud_weight + self.loud_a
+        ref = self.loud_sum / self.loud_weight if self.loud_weight > 0 else loud
+        mel_db -= ref + self.mel_off
+        mel_db *= self.mel_inv_scale
+        np.clip(mel_db, -1.0, 1.0, out=x[:m])
+        raw = (self.onset_max,
+               math.sin(2 * math.pi * ph), math.cos(2 * math.pi * ph),
+               math.sin(2 * math.pi * bar), math.cos(2 * math.pi * bar),
+               math.log2(bpm / TEMPO_REF_BPM) if bpm > 0 else 0.0,
+               1.0 if self.any_beat else 0.0,
+               float(meter) if meter > 0 else 3.5)
+        for j, (v, (off, sc)) in enumerate(zip(raw, self.beat_scale)):
+            x[m + j] = min(1.0, max(-1.0, (v - off) / sc))
 
 
 def extract(pcm: np.ndarray, cfg: FeatureConfig = DEFAULT_FEATURES) -> FeatureFrames:

@@ -152,7 +152,14 @@ class Pipeline:
         self._recent = collections.deque(maxlen=2000)  # latencies for the metrics topic
         self._extractor = features.FeatureExtractor(cfg)
         self._stepper = bundle.stepper()
+        self._warm_up()
         self._reset_stream()
+
+    def _warm_up(self):
+        """One frame through every stage before the clock starts: lazy set-up (interpreter
+        delegates, first-call allocations) must not land on the first live frame's latency."""
+        self._extractor.process(np.zeros(self.spf, np.int16))
+        self._stepper.step(np.zeros(self.bundle.n_features, np.float32))
 
     # --- control (any thread) -------------------------------------------------------
 
@@ -360,6 +367,7 @@ class Pipeline:
                     pub.status(self.state, reason=f"select_bundle refused: {e}"[:500])
                 return
             self.bundle, self._stepper = b, stepper
+            self._stepper.step(np.zeros(b.n_features, np.float32))  # warm up before it meets live frames
             self._stepper.reset()
             log.info("bundle -> %s", b.path)
             if pub:

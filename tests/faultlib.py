@@ -446,15 +446,26 @@ def device_run_argv(audio, bundle, host: str, port: int, password_file, *, devic
 # --- what a fault cost -----------------------------------------------------------------
 
 def streams(items: list[Received], kind: str) -> list[list[Received]]:
-    """The decoded messages of one kind split into device runs (a run ends where `seq` goes back)."""
+    """The decoded messages of one kind split into device runs: a process starts counting at seq 0.
+    (Within a run messages may arrive out of order, e.g. an outbox flushed before paho's resends.)"""
     runs: list[list[Received]] = []
     for r in items:
         if r.kind != kind or r.msg is None or r.retained:
             continue
-        if not runs or r.msg["seq"] < runs[-1][-1].msg["seq"]:
+        if not runs or (r.msg["seq"] == 0 and any(x.msg["seq"] == 0 for x in runs[-1])):
             runs.append([])
         runs[-1].append(r)
     return runs
+
+
+def reordered(run: list[Received]) -> int:
+    """Messages that arrived after one with a higher seq."""
+    top, n = -1, 0
+    for r in run:
+        if r.msg["seq"] < top:
+            n += 1
+        top = max(top, r.msg["seq"])
+    return n
 
 
 def missing_seqs(run: list[Received]) -> list[int]:
@@ -676,6 +687,8 @@ def _losses(items: list[Received]) -> dict:
         "beats": sum(len(r) for r in beat_runs),
         "beat_lost": sum(len(missing_seqs(r)) for r in beat_runs),
         "beat_dup": sum(len(r) - len({x.msg["seq"] for x in r}) for r in beat_runs),
+        "beat_reordered": sum(reordered(r) for r in beat_runs),
+        "pose_reordered": sum(reordered(r) for r in pose_runs),
         "runs": len(pose_runs),
         "bad": sum(1 for r in items if r.msg is None),
     }
@@ -724,12 +737,16 @@ def scenario_broker_restart(workdir, song, bundle, outage_s: float, after_s: flo
     return out
 
 
-def scenario_device_kill(workdir, song, bundle, restart_sec: float, after_s: float = 4.0, page=None) -> dict:
+def scenario_device_kill(workdir, song, bundle, restart_sec: float, after_s: float = 4.0, page=None,
+                         websockets: bool = False, on_scene=None) -> dict:
     """The device is SIGKILLed; a supervisor with systemd's Restart=on-failure policy starts it again.
-    `page`: an optional callable(event) the test uses to watch the real display page."""
+    `on_scene(scene)` is called once the broker is up (the test opens the display page there);
+    `page(state)` then waits until the page shows the device `state` (seconds, or None)."""
     workdir = pathlib.Path(workdir)
-    with Scene(workdir) as sc, Supervisor(sc.device_argv(song, bundle), restart_sec=restart_sec,
+    with Scene(workdir, websockets=websockets) as sc, Supervisor(sc.device_argv(song, bundle), restart_sec=restart_sec,
                                           log_path=workdir / "device.log") as sup:
+        if on_scene is not None:
+            on_scene(sc)
         sc.wait_dancing(seconds=3)
         boot = [b for _, s, b in sc.recorder.statuses() if s == "online"][-1]
         t_kill = sup.kill(signal.SIGKILL)
@@ -770,8 +787,9 @@ def scenario_partition(workdir, song, bundle, seconds: float, keepalive_s: int, 
         px.heal()
         t_heal = time.time()
         offline = [r for r in sc.recorder.snapshot("status", t_cut) if r.msg and r.msg["state"] == "offline"]
-        online = sc.recorder.wait_for(lambda m: m["state"] == "online", 60, "status", t_heal)
         first = sc.recorder.wait_for(lambda m: True, 60, "pose", t_heal)
+        # a partition shorter than the keep-alive goes unnoticed: no new status then
+        online = sc.recorder.wait_for(lambda m: m["state"] == "online", 15, "status", t_heal)
         time.sleep(after_s)
         rc = dev.stop()
         time.sleep(0.5)
@@ -781,7 +799,9 @@ def scenario_partition(workdir, song, bundle, seconds: float, keepalive_s: int, 
                "offline_s": offline[0].t - t_cut if offline else None,
                "online_after_heal_s": online.t - t_heal if online else None,
                "pose_after_heal_s": first.t - t_heal if first else None,
-               "same_boot": bool(online and online.msg.get("boot") == boot),
+               "same_boot": bool(online.msg.get("boot") == boot) if online else None,
+               "device_noticed": "lost" in dev.log_text(),
+               "late_poses": sum(1 for r in sc.recorder.snapshot("pose", t_cut) if r.msg and r.t - r.msg["t"] > 1.0),
                "beats_made_during": len(beats_during),
                "beats_made_during_late_s": max((r.t - r.msg["t"] for r in beats_during), default=0.0),
                "returncode": rc, "device_log": dev.log_text(), **_losses(items),

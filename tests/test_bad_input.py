@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -250,3 +250,148 @@ def test_hostile_payloads_at_the_display(broker, tmp_path):
             context.close()
     dev.disconnect()
     dev.loop_stop()
+
+
+# --- the device process against bad credentials, bad settings and hostile commands ------------
+
+@pytest.fixture(scope="module")
+def song(tmp_path_factory):
+    from device.demo import write_song
+    return write_song(tmp_path_factory.mktemp("bad-input-song") / "song.wav", seconds=8)
+
+
+def test_wrong_broker_credentials_device_keeps_dancing_and_retrying(broker, song, tiny_bundle, tmp_path):
+    """`python -m device run` with a wrong password: the refusal is logged naming the broker and the reason,
+    retried with backoff, the audio pipeline keeps running, and SIGTERM still ends it cleanly."""
+    pw = tmp_path / "wrong.password"
+    pw.write_text("not-the-password\n")
+    argv = fl.device_run_argv(song, tiny_bundle, broker.host, broker.port, pw, mqtt_reconnect_max_s=1)
+    with fl.DeviceProcess(argv, tmp_path / "device.log") as dev:
+        time.sleep(6.0)
+        assert dev.proc.poll() is None, "the device died:\n" + dev.log_text()[-2000:]
+        rc = dev.stop()
+    log = dev.log_text()
+    assert rc == 0 and "Traceback" not in log, log[-3000:]
+    refusals = [line for line in log.splitlines() if f"{broker.host}:{broker.port}" in line and
+                ("Not authorized" in line or "Bad user name or password" in line)]
+    assert len(refusals) >= 2, "the refusal should be logged, and retried:\n" + log[-2000:]
+    assert "retrying" in refusals[0]
+    m = re.search(r"frames (\d+), audio ([\d.]+) s", log)
+    assert m and int(m.group(1)) >= 4 * 25, "the pipeline did not keep running offline:\n" + log[-1500:]
+
+
+@pytest.mark.parametrize("how, value, names", [
+    ("env", ("EDGEDANCE_MQTT_KEEPALIVE", "30"), ["EDGEDANCE_MQTT_KEEPALIVE", "'keepalive'", "keepalive_s"]),
+    ("env", ("EDGEDANCE_AUDIO_RING_S", "0.01"), ["EDGEDANCE_AUDIO_RING_S", "ring_s", "[0.2, 30]"]),
+    ("set", "mqtt.reconnect_max_s=0.1", ["reconnect_max_s", "reconnect_min_s"]),
+    ("set", "device.latency_ms=nan", ["latency_ms", "'nan'"]),
+    ("ini", "[robot]\ncontrol_hz = 50\n", ["unknown section [robot]", "device.ini"]),
+    ("ini", "[audio]\nchunk_ms = 1000\n", ["chunk_ms", "[5, 100]", "device.ini"]),
+])
+def test_bad_settings_stop_the_device_naming_the_key(how, value, names, tmp_path, song, tiny_bundle):
+    """Settings from every source (INI, environment, --set), through the real `device run`: exit 2, named."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEDANCE_")}
+    args = ["run", "--file", str(song), "--model", str(tiny_bundle), "--set", "mqtt.enabled=false"]
+    if how == "env":
+        env[value[0]] = value[1]
+    elif how == "set":
+        args += ["--set", value]
+    else:
+        (tmp_path / "device.ini").write_text(value)
+        args += ["--config", str(tmp_path / "device.ini")]
+    r = run_cli(*args, env=env, timeout=60)
+    assert_clear_error(r, *names)
+    assert r.returncode == 2
+
+
+def test_hostile_commands_never_stop_the_device(broker, song, tiny_bundle, tmp_path):
+    """Junk and hostile `cmd` messages (admin is the only writer): rejected and logged; a bundle made for
+    another frontend is refused at run time with the reason in the status; the device keeps publishing."""
+    other = _mismatched_bundle(tiny_bundle, tmp_path / "other-frontend")
+    pw = tmp_path / "pw"
+    pw.write_text(broker.credentials["device-pi1"])
+    import paho.mqtt.client as mqtt
+    admin = broker.client("admin", protocol=mqtt.MQTTv311)
+    cmd_t = protocol.topic("pi1", "cmd")
+
+    def cmd(name, **args):
+        return json.dumps({"v": 1, "type": "cmd", "device": "pi1", "seq": 1, "t": time.time(), "cmd": name,
+                           "args": args}).encode()
+
+    junk = [b"", b"\x00" * 100, b"[" * 50000, b'{"v":1,"type":"cmd"}', cmd("rm -rf /"), cmd("latency", ms=1e9),
+            cmd("latency", ms="soon"), cmd("select_bundle"), cmd("select_bundle", path=["x"]),
+            json.dumps({"v": 1, "type": "cmd", "device": "pi2", "seq": 1, "t": 1.0, "cmd": "stop"}).encode(),
+            b'{"v":1,"type":"cmd","device":"pi1","seq":1,"t":NaN,"cmd":"stop"}']
+    argv = fl.device_run_argv(song, tiny_bundle, broker.host, broker.port, pw)
+    with fl.Recorder(broker.host, broker.port, "display", broker.credentials["display"]) as rec, \
+            fl.DeviceProcess(argv, tmp_path / "device.log") as dev:
+        assert rec.wait_for(lambda m: m["state"] == "online", 30, "status"), dev.log_text()[-2000:]
+        for payload in junk:
+            admin.publish(cmd_t, payload, qos=1).wait_for_publish(5)
+        admin.publish(cmd_t, cmd("select_bundle", path=str(other)), qos=1).wait_for_publish(5)
+        refused = rec.wait_for(lambda m: "select_bundle refused" in m.get("reason", ""), 15, "status")
+        t_after = time.time()
+        assert rec.wait_for(lambda m: True, 10, "pose", t_after), "the device stopped publishing"
+        assert dev.proc.poll() is None
+        rc = dev.stop()
+    admin.disconnect()
+    admin.loop_stop()
+    log = dev.log_text()
+    assert rc == 0 and "Traceback" not in log, log[-3000:]
+    assert refused and "other-frontend" in refused.msg["reason"] and "n_mels" in refused.msg["reason"], refused
+    assert log.count("ignored a bad command") == len(junk), log[-3000:]
+    assert all(r.msg is not None for r in rec.snapshot()), "the device published something invalid"
+
+
+# --- silence, clipping and DC at the input ------------------------------------------------------
+
+def _edge_signals() -> dict[str, np.ndarray]:
+    """3 s each, float in [-1, 1] at 16 kHz (DC and full-scale square waves survive to int16 intact)."""
+    n = 3 * SR
+    t = np.arange(n) / SR
+    loud = np.clip(8.0 * np.sin(2 * np.pi * 110 * t), -1, 1)  # hard-clipped at 18 dB over full scale
+    return {
+        "silence": np.zeros(n),
+        "clipped": loud,
+        "dc_half": np.full(n, 0.5),
+        "dc_full_negative": np.full(n, -1.0),
+        "nyquist_full_scale": np.where(np.arange(n) % 2 == 0, 1.0, -1.0),
+        "dc_then_clipped_then_silence": np.concatenate([np.full(n // 3, 1.0), loud[: n // 3], np.zeros(n - 2 * (n // 3))]),
+    }
+
+
+def test_silence_clipping_and_dc_through_generate(tiny_bundle, tmp_path):
+    """`python -m device generate` on each: finite poses, keypoints within [-1, 1], the right frame count."""
+    for name, x in _edge_signals().items():
+        wav = tmp_path / f"{name}.wav"
+        sf.write(wav, x.astype(np.float32), SR, subtype="PCM_16")
+        out = tmp_path / f"{name}.npy"
+        r = run_cli("generate", str(wav), "--out", str(out), "--model", str(tiny_bundle))
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (name, r.stderr[-2000:])
+        poses = np.load(out)
+        heading = np.load(tmp_path / f"{name}.heading.npy")
+        assert poses.shape == (3 * DEFAULT_FEATURES.pose_fps, 14, 2), (name, poses.shape)
+        assert np.all(np.isfinite(poses)) and np.all(np.isfinite(heading)), name
+        assert np.abs(poses).max() <= 1.0, (name, float(np.abs(poses).max()))
+
+
+def test_silence_clipping_and_dc_through_the_live_device(broker, tiny_bundle, tmp_path):
+    """All of them back to back through `python -m device run` (file source, as fast as it goes) to a real
+    broker: every frame arrives, each one schema-valid (finite, keypoints in [-1, 1]); beats never NaN."""
+    x = np.concatenate(list(_edge_signals().values()))
+    wav = tmp_path / "edges.wav"
+    sf.write(wav, x.astype(np.float32), SR, subtype="PCM_16")
+    pw = tmp_path / "pw"
+    pw.write_text(broker.credentials["device-pi1"])
+    argv = fl.device_run_argv(wav, tiny_bundle, broker.host, broker.port, pw, loop=False, audio_realtime="false")
+    with fl.Recorder(broker.host, broker.port, "display", broker.credentials["display"]) as rec:
+        t0 = time.time()
+        r = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        want = len(x) // DEFAULT_FEATURES.samples_per_pose_frame
+        fl.wait_until(lambda: len(rec.snapshot("pose", t0)) >= want, 10)
+        got = rec.snapshot(since=t0)
+    poses = [g for g in got if g.kind == "pose"]
+    assert all(g.msg is not None for g in got), [g.error for g in got if g.msg is None][:3]
+    assert len(poses) == want, (len(poses), want)
+    assert [p.msg["seq"] for p in poses] == list(range(want))

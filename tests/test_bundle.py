@@ -164,3 +164,4 @@ def test_state_feedback_requantization_table(bundle_dir):
         want = np.clip(np.rint((q.astype(float) - to.zero_point) * to.scale / ti.scale) + ti.zero_point, -128, 127)
         np.testing.assert_array_equal(lut[q.view(udtype)], want)
     assert tables >= 1  # prev_pose enters a concatenation: never tied
+    assert len(s._states) - tables >= 4  # the LSTM h and c states are tied: copied back as they are

@@ -34,6 +34,7 @@ def test_signature(models):
     assert sig.n_features == F and sig.noise_dims == 0
     assert [s.name for s in sig.outputs[:2]] == ["pose", "dheading"]
     assert ("att_buf", "att_buf_out") in sig.states and len(sig.states) == 2 * 2 + 1 + 3
+    assert getattr(models.mcfg, "skip_features", True)  # the fold must also cover the decoder's feature rows
 
 
 def test_step_equals_sequence(models, song):

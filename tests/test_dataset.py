@@ -2,7 +2,6 @@
 clear errors, splits, generic data."""
 import json
 import os
-import pathlib
 
 import numpy as np
 import pytest

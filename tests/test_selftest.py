@@ -36,7 +36,9 @@ def good_bundle(tiny_bundle, tmp_path):
 def _selftest(tmp_path, *args, ini: str = "[audio]\nsource = stdin\n"):
     p = tmp_path / "device.ini"
     p.write_text(ini)
-    return subprocess.run([sys.executable, "-m", "device", "selftest", "--config", str(p), "--seconds", "2", *args],
+    # loose limits: a loaded CI machine must not fail a test on timing (the figures are bench.pipeline's)
+    return subprocess.run([sys.executable, "-m", "device", "selftest", "--config", str(p), "--seconds", "2",
+                           "--max-p99-ms", "5000", "--max-cpu-ms", "1000", *args],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
 
 
@@ -82,4 +84,4 @@ def test_selftest_fails_against_a_broker_that_refuses_the_device(good_bundle, tm
         ok = ini.replace("password = wrong", f"password = {b.credentials['device-pi1']}")
         r = _selftest(tmp_path, "--model", str(good_bundle), "--seconds", "1", ini=ok)
         assert r.returncode == 0, r.stdout
-        assert "publish acknowledged (No matching subscribers)" in r.stdout  # the ACL: write, not read back
+        assert "publish acknowledged" in r.stdout and "no read-back" in r.stdout  # the ACL: write, not read

@@ -54,6 +54,19 @@ def test_train_resume_generate(fake_root, tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match="--resume"):
         train(cfg, run, progress=False)
 
+    # The reports read the run folder.
+    from trainer.experiments import write_report, write_training_report, _row
+
+    doc = tmp_path / "training.md"
+    write_training_report(run, {"CNN": tmp_path / "missing"}, doc, "test")
+    text = doc.read_text()
+    assert "| ours (shipped) |" in text and "| mean pose |" in text and "| other song" in text
+    assert "CNN" not in text  # a run that does not exist is left out, not invented
+    rows = {"r": _row("r", run)}
+    write_report("t", rows, {"study": ["r", "absent"]}, tmp_path / "exp.md", 1.0, "test", tmp_path)
+    exp = (tmp_path / "exp.md").read_text()
+    assert "| r |" in exp and "| absent | not run" in exp
+
     # Generate from the run folder through the CLI.
     song = next(fake_root.glob("DANCE_C_*")) / "audio.wav"
     out = tmp_path / "p.npy"

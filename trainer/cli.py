@@ -38,9 +38,34 @@ def cmd_generate(args) -> int:
 def cmd_experiments(args) -> int:
     from trainer.experiments import run_suite
 
-    run_suite(args.suite, minutes_per_run=args.minutes_per_run, out_root=args.out, doc=args.doc,
-              only=args.only, report_only=args.report_only, config_files=args.config or [], sets=args.set or [])
+    rows = run_suite(args.suite, minutes_per_run=args.minutes_per_run, out_root=args.out, doc=args.doc,
+                     only=args.only, report_only=args.report_only, config_files=args.config or [],
+                     sets=args.set or [])
+    print(f"{args.doc}: {len(rows)} runs reported")
+    if args.training_run:
+        training_report(args)
     return 0
+
+
+def training_report(args) -> None:
+    """docs/results/training.md for a finished run, beside the baselines suite's runs."""
+    import json
+
+    from device.contract import FeatureConfig
+    from trainer.config import from_dict
+    from trainer.experiments import BASELINES_SUITE, tempo_responses, write_training_report
+    from trainer.train import load_data
+
+    run = pathlib.Path(args.training_run)
+    cfg = from_dict(json.loads((run / "train_config.json").read_text()), str(run / "train_config.json"))
+    fcfg = FeatureConfig.from_dict(json.loads((run / "feature_config.json").read_text()))
+    _, val = load_data(cfg, fcfg, run)
+    tempo = tempo_responses(run, val, n=args.tempo_dances) if args.tempo_dances else None
+    base = pathlib.Path(args.out) / "baselines"
+    cmd = " ".join(["python -m trainer"] + sys.argv[1:]) if sys.argv and "trainer" in sys.argv[0] else \
+        f"python -m trainer experiments --suite baselines --training-run {run}"
+    write_training_report(run, {k.upper(): base / k for k in BASELINES_SUITE}, args.training_doc, cmd, tempo)
+    print(f"{args.training_doc}: written")
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "experiments": cmd_experiments}
@@ -71,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--only", action="append", help="run only these experiment names (repeatable)")
     e.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
     e.add_argument("--config", action="append", help="base config override file for every run (repeatable)")
+    e.add_argument("--training-run", help="also write the training report of this run (with the baselines suite)")
+    e.add_argument("--training-doc", default="docs/results/training.md", help="where --training-run writes")
+    e.add_argument("--tempo-dances", type=int, default=3, help="held-out dances for the tempo response (0 = skip)")
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help="base config override for every run")
     return p
 

@@ -83,6 +83,9 @@ class TrainConfig:
     """Weight of the acceleration penalty: mean squared second difference, relative to ground truth's."""
     w_energy: float = 0.5
     """Weight of the motion-energy loss: (log mean speed generated - log mean speed ground truth)^2."""
+    energy_stat: str = "mean_abs"
+    """What the energy loss compares per chunk: 'mean_abs' (mean |velocity| per coordinate) or
+    'std' (std of joint speed over time and keypoints, as trainer.evaluate's energy)."""
     w_heading: float = 0.1
     """Weight of the heading-change MSE (in units of its training std)."""
     # --- scheduled sampling (feedback only) ---
@@ -98,6 +101,8 @@ class TrainConfig:
     val_max_frames: int = 1500
     """Frames per held-out dance used for per-epoch validation (0 = whole dance)."""
 
+    eval_baselines: bool = True
+    """Also evaluate the mean-pose and other-song baselines on the held-out dances (metrics.json)."""
     gif_frames: int = 250
     """Frames of the held-out generated-vs-ground-truth GIF in plots/ (0 = no GIF)."""
 
@@ -150,6 +155,8 @@ def apply_overrides(cfg: TrainConfig, overrides: dict, source: str) -> TrainConf
     new = {k: _coerce(k, v, source) for k, v in overrides.items()}
     cfg = dataclasses.replace(cfg, **new)
     cfg.model_config()  # validates the model fields
+    if cfg.energy_stat not in ("mean_abs", "std"):
+        raise ValueError(f"{source}: energy_stat={cfg.energy_stat!r}: choose 'mean_abs' or 'std'")
     return cfg
 
 

@@ -22,7 +22,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from device.audio import AudioError, load_file, to_pcm16
+from device.audio import AudioError, load_file
 from device.contract import DEFAULT_FEATURES, N_KEYPOINTS, FeatureConfig
 from trainer import skeleton
 
@@ -477,4 +477,4 @@ def write_fake_dance(folder: str | os.PathLike, seconds: float = 8.0, seed: int 
 
 
 __all__ = ["Dance", "DatasetError", "load_dance", "load_dataset", "split_by_dance", "split_to_json",
-           "load_generic", "write_fake_dance", "shared_motion_groups", "style_of", "to_pcm16"]
+           "load_generic", "write_fake_dance", "shared_motion_groups", "style_of"]

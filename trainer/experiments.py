@@ -103,7 +103,8 @@ def write_report(suite: str, rows: dict[str, dict], studies: dict[str, list[str]
                 continue
             if "period_match_gt" in r:
                 gt_pm.append(r["period_match_gt"])
-            lines.append(f"| {n} | " + " | ".join(_fmt(r.get(k)) for k, _ in COLUMNS)
+            label = f"{n} (= {r['same_as']})" if r.get("same_as") else n
+            lines.append(f"| {label} | " + " | ".join(_fmt(r.get(k)) for k, _ in COLUMNS)
                          + f" | {r['params']} | {r['epochs']} | {_fmt(r['s_per_epoch'])} |")
         if gt_pm:
             lines.append(f"| ground truth | - | - | 1 | 1 | {_fmt(sum(gt_pm) / len(gt_pm))} | - | | | |")
@@ -158,10 +159,19 @@ def run_suite(suite: str, minutes_per_run: float = 4.0, out_root="runs/experimen
                         base=base or TrainConfig())
     data = None
     rows = {}
+    done: dict[str, pathlib.Path] = {}  # effective config -> run folder (layers3 = units128 = ... share one)
     for name, (study, overrides) in exps.items():
+        cfg = build_config([], [f"{k}={v}" for k, v in overrides.items()], base=base)
+        key = json.dumps(cfg.to_dict(), sort_keys=True)
+        if key in done:
+            r = _row(name, done[key])
+            if r is not None:
+                r["same_as"] = done[key].name
+                rows[name] = r
+            continue
         run = out_root / name
+        done[key] = run
         if not report_only and not (run / "metrics.json").exists():
-            cfg = build_config([], [f"{k}={v}" for k, v in overrides.items()], base=base)
             if data is None:
                 from device.contract import DEFAULT_FEATURES
 

@@ -145,6 +145,16 @@ def make_loss_fn(cfg: TrainConfig, norm: dict):
     acc_ms = max(norm["acc_ms"], 1e-8)
     dh_var = max(norm["dheading_std"], 1e-4) ** 2
 
+    def _speed_std(v, valid):
+        """Per chunk: std of joint speed (norm of each keypoint's (dx, dy)) over valid frames and keypoints."""
+        B = tf.shape(v)[0]
+        sp = tf.sqrt(tf.reduce_sum(tf.square(tf.reshape(v, [B, -1, 14, 2])), axis=-1) + 1e-10)  # (B, T-1, 14)
+        w = (valid[:, 1:] * valid[:, :-1])[..., None] * tf.ones_like(sp)
+        n = tf.reduce_sum(w, axis=[1, 2]) + 1e-6
+        mean = tf.reduce_sum(sp * w, axis=[1, 2]) / n
+        var = tf.reduce_sum(tf.square(sp - mean[:, None, None]) * w, axis=[1, 2]) / n
+        return tf.sqrt(var + 1e-12)
+
     def loss_fn(out, tgt):
         pose_p = out[..., :N_POSE]
         dh_p = out[..., N_POSE]
@@ -165,8 +175,11 @@ def make_loss_fn(cfg: TrainConfig, norm: dict):
         acc_t = tf.reduce_sum(tf.square(at) * va, axis=[1, 2]) / (tf.reduce_sum(va, axis=[1, 2]) * N_POSE + 1e-6)
         l_acc = tf.reduce_mean(tf.nn.relu(acc_p / (acc_t + 0.1 * acc_ms) - 1.0))
         # Energy: mean joint speed per chunk, generated vs ground truth, on a log scale.
-        sp = tf.reduce_sum(tf.abs(vp) * vv, axis=[1, 2]) / (tf.reduce_sum(vv, axis=[1, 2]) * N_POSE + 1e-6)
-        st = tf.reduce_sum(tf.abs(vt) * vv, axis=[1, 2]) / (tf.reduce_sum(vv, axis=[1, 2]) * N_POSE + 1e-6)
+        if cfg.energy_stat == "std":
+            sp, st = _speed_std(vp, valid), _speed_std(vt, valid)
+        else:
+            sp = tf.reduce_sum(tf.abs(vp) * vv, axis=[1, 2]) / (tf.reduce_sum(vv, axis=[1, 2]) * N_POSE + 1e-6)
+            st = tf.reduce_sum(tf.abs(vt) * vv, axis=[1, 2]) / (tf.reduce_sum(vv, axis=[1, 2]) * N_POSE + 1e-6)
         eps = 0.05 * math.sqrt(vel_var)
         l_energy = tf.reduce_mean(tf.square(tf.math.log(sp + eps) - tf.math.log(st + eps)))
         l_head = tf.reduce_sum(tf.square(dh_p - dh_t) * valid) / (tf.reduce_sum(valid) + 1e-6) / dh_var
@@ -284,6 +297,12 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, train_dances=None,
         _save_json(run / "model_config.json", mcfg.to_dict())
         _save_json(run / "feature_config.json", fcfg.to_dict())
         (run / "feature_hash.txt").write_text(fcfg.config_hash() + "\n")
+        try:  # the feature code's digest too: the config hash alone misses algorithm edits
+            from trainer.dataset import feature_code_digest
+
+            (run / "feature_code_digest.txt").write_text(feature_code_digest() + "\n")
+        except (ImportError, AttributeError):
+            pass
         _save_json(run / "split.json", {"seed": cfg.split_seed, "val_fraction": cfg.val_fraction,
                                         "train": [s.name for s in train_seqs], "val": [s.name for s in val_seqs]})
         _save_json(run / "normalization.json", norm)
@@ -398,7 +417,7 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, train_dances=None,
         set_gain(model, calibration["gain"])
         model.save_weights(str(run / "model.weights.h5"))
         calibration["val_uncalibrated"] = uncal
-    metrics = final_metrics(model, mcfg, val_dances, val_seqs, train_seqs, pose_mean, fcfg)
+    metrics = final_metrics(model, mcfg, val_dances, val_seqs, train_seqs, pose_mean, fcfg, cfg.eval_baselines)
     if calibration is not None:
         metrics["calibration"] = calibration
     secs = [h["seconds"] for h in history if h.get("steps")]
@@ -439,7 +458,7 @@ def _evaluate_module():
         return None
 
 
-def final_metrics(model, mcfg, val_dances, val_seqs, train_seqs, pose_mean, fcfg) -> dict:
+def final_metrics(model, mcfg, val_dances, val_seqs, train_seqs, pose_mean, fcfg, with_baselines=True) -> dict:
     """Held-out metrics on whole validation dances: quick ones always, and trainer.evaluate's
     (BAS, period match, diversity, ...) when available."""
     ev = _evaluate_module()
@@ -457,7 +476,7 @@ def final_metrics(model, mcfg, val_dances, val_seqs, train_seqs, pose_mean, fcfg
                 log.warning("evaluate failed on %s: %s", s.name, e)
     out = {"val_mean": {k: float(np.mean([p[k] for p in per.values()])) for k in next(iter(per.values()))},
            "per_dance": per}
-    if ev is not None:
+    if ev is not None and with_baselines:
         try:
             out["baselines"] = baseline_metrics(val_dances, train_seqs, pose_mean, ev)
         except Exception as e:
