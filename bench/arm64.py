@@ -45,7 +45,10 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 OUT = REPO / "docs" / "bench" / "arm64.md"
 DEFAULT_ROOT = pathlib.Path("/work/arm64-root")
 SUITE = "bookworm"
-INCLUDE = "python3,python3-venv,python3-pip,libsndfile1,portaudio19-dev,gcc,python3-dev,ca-certificates"
+INCLUDE = "python3,python3-venv,python3-pip,libsndfile1,portaudio19-dev,gcc,python3-dev,ca-certificates,mosquitto"
+ROOT_PACKAGES = ("mosquitto",)  # for the selftest's broker round trip (a private broker inside)
+PI_CPUS = {"cortex-a72": "Raspberry Pi 4 / 400 / CM4", "cortex-a76": "Raspberry Pi 5", "cortex-a53": "Pi 3 / Zero 2"}
+SELFTEST_MUST_PASS = ("frontend", "bundle", "broker")
 OPT_IN = True  # bench.run: not part of a default `make bench` (tens of minutes under emulation)
 
 # Paths inside the root.
@@ -185,7 +188,10 @@ def host_ca_bundle() -> str:
 
 @contextlib.contextmanager
 def mounted(root: pathlib.Path):
-    """/proc and /dev inside the root for the duration (and the host's resolv.conf for pip);
+    """/proc and /dev inside the root for the duration (and the host's resolv.conf and CA bundle
+    for pip). Not /sys: with the host's /sys there, LiteRT's cpuinfo takes the emulated machine
+    for a real one and the process dies with SIGSEGV under qemu 7.2; without it cpuinfo gives up
+    and LiteRT runs without XNNPACK;
     unmounted again, innermost first, however the block ends."""
     done = []
     try:
@@ -212,16 +218,36 @@ def mounted(root: pathlib.Path):
 
 
 def in_root(root: pathlib.Path, cmd: list[str], what: str, cwd: str = "/", timeout: float | None = None,
-            check: bool = True) -> tuple[subprocess.CompletedProcess, float]:
-    """Run `cmd` inside the arm64 root with a clean environment; (result, wall seconds)."""
+            check: bool = True, cpu: str | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    """Run `cmd` inside the arm64 root with a clean environment, emulating `cpu` (a
+    `qemu-aarch64 -cpu help` model; default qemu's 'max'); (result, wall seconds)."""
     full = ["chroot", str(root), "/bin/sh", "-c", 'cd "$0" && exec "$@"', cwd, *cmd]
+    env = {**CHROOT_ENV, **({"QEMU_CPU": cpu} if cpu else {})}
     t0 = time.perf_counter()
     if check:
-        p = _run(full, what, timeout=timeout, env=CHROOT_ENV)
+        p = _run(full, what, timeout=timeout, env=env)
     else:
-        p = subprocess.run(full, capture_output=True, text=True, env=CHROOT_ENV,
-                           timeout=timeout or TIMEOUT_S["default"])
+        p = subprocess.run(full, capture_output=True, text=True, env=env, timeout=timeout or TIMEOUT_S["default"])
     return p, time.perf_counter() - t0
+
+
+def ensure_root_packages(root: pathlib.Path, packages: tuple[str, ...] = ROOT_PACKAGES) -> list[str]:
+    """apt-get install inside the root what debootstrap did not (for roots made before the list
+    grew); no daemon is started (policy-rc.d). Returns what was installed."""
+    missing = [pkg for pkg in packages
+               if in_root(root, ["dpkg-query", "-W", "-f=${Status}", pkg], "dpkg-query", check=False)[0].stdout
+               != "install ok installed"]
+    if missing:
+        policy = root / "usr" / "sbin" / "policy-rc.d"
+        policy.write_text("#!/bin/sh\nexit 101\n")
+        policy.chmod(0o755)
+        try:
+            in_root(root, ["apt-get", "update"], "apt-get update in the root", timeout=1800)
+            in_root(root, ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y",
+                           "--no-install-recommends", *missing], "apt-get install in the root", timeout=3600)
+        finally:
+            policy.unlink()
+    return missing
 
 
 def working_tree_files(repo: pathlib.Path) -> list[str]:
@@ -246,15 +272,15 @@ def copy_tree(repo: pathlib.Path, dest: pathlib.Path) -> int:
 # The probe: runs on both sides, as a plain script (imports the installed `device`)
 
 
-def probe(out: pathlib.Path, wav: str, bundle: str | None) -> dict:
-    """Log-Mel (int16) and features of `wav` and poses of `bundle`, saved under `out`, timed."""
+def probe(out: pathlib.Path, wavs: list[str], bundle: str | None) -> dict:
+    """For each song: its int16 PCM at 16 kHz, log-Mel and features (in-process and through the
+    CLI), saved under out/<song>/ and timed; poses of `bundle` from the first song's features."""
     import importlib.metadata as md
 
     from device import frontend, model
     from device.audio import load_file
     from device.features import extract
 
-    out.mkdir(parents=True, exist_ok=True)
     res: dict = {"machine": platform.machine(), "python": platform.python_version()}
     for dist in ("numpy", "ai-edge-litert", "soundfile", "paho-mqtt", "PyAudio", "tensorflow"):
         try:
@@ -262,32 +288,41 @@ def probe(out: pathlib.Path, wav: str, bundle: str | None) -> dict:
         except md.PackageNotFoundError:
             res[dist] = None
     res["runtime"] = model.interpreter_class()[1]
-
-    pcm = load_file(wav)
-    res["seconds_audio"] = len(pcm) / 16000
-    t0, c0 = time.perf_counter(), time.process_time()
-    mel = frontend.log_mel(pcm)
-    res["log_mel_s"], res["log_mel_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
-    np.save(out / "log_mel.npy", mel)
-    t0, c0 = time.perf_counter(), time.process_time()
-    feats = extract(pcm)
-    res["extract_s"], res["extract_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
-
-    # The command line, as a user runs it (interpreter start and imports included).
-    t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "device", "features", wav, "--out", str(out / "F.npy")],
-                       capture_output=True, text=True, cwd=str(out))
-    res["cli_features_s"] = time.perf_counter() - t0
-    if p.returncode != 0:
-        raise RuntimeError(f"python -m device features failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
-    res["cli_matches_extract"] = bool(np.array_equal(np.load(out / "F.npy"), feats.x))
+    res["songs"] = {}
+    first_x = None
+    for wav in wavs:
+        d = out / pathlib.Path(wav).stem
+        d.mkdir(parents=True, exist_ok=True)
+        r: dict = {}
+        t0 = time.perf_counter()
+        pcm = load_file(wav)
+        r["load_s"] = time.perf_counter() - t0
+        r["seconds_audio"] = len(pcm) / 16000
+        np.save(d / "pcm.npy", pcm)
+        t0, c0 = time.perf_counter(), time.process_time()
+        mel = frontend.log_mel(pcm)
+        r["log_mel_s"], r["log_mel_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+        np.save(d / "log_mel.npy", mel)
+        t0, c0 = time.perf_counter(), time.process_time()
+        feats = extract(pcm)
+        r["extract_s"], r["extract_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+        # The command line, as a user runs it (interpreter start and imports included).
+        t0 = time.perf_counter()
+        p = subprocess.run([sys.executable, "-m", "device", "features", wav, "--out", str(d / "F.npy")],
+                           capture_output=True, text=True, cwd=str(d))
+        r["cli_features_s"] = time.perf_counter() - t0
+        if p.returncode != 0:
+            raise RuntimeError(f"python -m device features {wav} failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
+        r["cli_matches_extract"] = bool(np.array_equal(np.load(d / "F.npy"), feats.x))
+        res["songs"][d.name] = r
+        first_x = feats.x if first_x is None else first_x
 
     if bundle:
         b = model.load_bundle(bundle)
         with b.stepper(num_threads=1, seed=0) as sm:
-            t0 = time.perf_counter()
-            poses, heads = sm.run(feats.x)
-            res["model_run_s"] = time.perf_counter() - t0
+            t0, c0 = time.perf_counter(), time.process_time()
+            poses, heads = sm.run(first_x)
+            res["model_run_s"], res["model_run_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
         res["frames"] = int(poses.shape[0])
         res["quantize"] = b.quantize
         np.save(out / "poses.npy", poses)
@@ -300,26 +335,41 @@ def probe(out: pathlib.Path, wav: str, bundle: str | None) -> dict:
 # The comparison
 
 
-def compare(x86: pathlib.Path, arm: pathlib.Path) -> dict:
-    """Bit-for-bit comparison of the probe outputs of the two sides."""
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    return bool(a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b))
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> float | None:
+    return float(np.max(np.abs(a.astype(np.float64) - b), initial=0.0)) if a.shape == b.shape else None
+
+
+def compare_song(x86: pathlib.Path, arm: pathlib.Path) -> dict:
+    """Bit-for-bit comparison of one song's probe outputs (a folder per side)."""
     r: dict = {}
+    if (x86 / "pcm.npy").exists() and (arm / "pcm.npy").exists():
+        a, b = np.load(x86 / "pcm.npy"), np.load(arm / "pcm.npy")
+        r["pcm_identical"] = _same(a, b)
+        r["pcm_samples_differing"] = int(np.count_nonzero(a != b)) if a.shape == b.shape else None
+        r["pcm_max_abs_diff"] = _max_diff(a, b)
     a, b = np.load(x86 / "log_mel.npy"), np.load(arm / "log_mel.npy")
     r["log_mel_shape"] = list(a.shape)
     r["log_mel_dtype"] = f"{a.dtype} / {b.dtype}"
-    r["log_mel_identical"] = bool(a.dtype == b.dtype and np.array_equal(a, b))
+    r["log_mel_identical"] = _same(a, b)
+    r["log_mel_max_abs_diff"] = _max_diff(a, b)
     a, b = np.load(x86 / "F.npy"), np.load(arm / "F.npy")
     r["features_shape"] = list(a.shape)
-    r["features_identical"] = bool(a.dtype == b.dtype and np.array_equal(a, b))
-    r["features_max_abs_diff"] = float(np.max(np.abs(a.astype(np.float64) - b))) if a.shape == b.shape else None
+    r["features_identical"] = _same(a, b)
+    r["features_max_abs_diff"] = _max_diff(a, b)
     ja, jb = (json.loads((d / "F.json").read_text()) for d in (x86, arm))
     r["sidecar_identical"] = ja == jb  # beat times, bpm, phase, metre, config hash
-    if (x86 / "poses.npy").exists() and (arm / "poses.npy").exists():
-        a, b = np.load(x86 / "poses.npy"), np.load(arm / "poses.npy")
-        r["poses_identical"] = bool(np.array_equal(a, b))
-        r["poses_max_abs_diff"] = float(np.max(np.abs(a - b))) if a.shape == b.shape else None
-        ha, hb = np.load(x86 / "headings.npy"), np.load(arm / "headings.npy")
-        r["headings_max_abs_diff"] = float(np.max(np.abs(ha - hb))) if ha.shape == hb.shape else None
     return r
+
+
+def compare_poses(x86: pathlib.Path, arm: pathlib.Path) -> dict:
+    a, b = np.load(x86 / "poses.npy"), np.load(arm / "poses.npy")
+    ha, hb = np.load(x86 / "headings.npy"), np.load(arm / "headings.npy")
+    return {"poses_identical": _same(a, b), "poses_max_abs_diff": _max_diff(a, b),
+            "headings_max_abs_diff": _max_diff(ha, hb)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -356,7 +406,7 @@ def run(args) -> tuple[str, bool]:
     mirror = args.mirror or apt_mirror()
     secs = ensure_root(root, mirror)
     _step(steps, (f"debootstrap arm64 {SUITE} minbase", f"from {mirror}" if secs else "cached in the root", secs))
-    p, secs = in_root(root, ["/bin/true"], "running arm64 /bin/true in the root")
+    _, secs = in_root(root, ["/bin/true"], "running arm64 /bin/true in the root")
     elf = _run(["file", "-L", str(root / "bin" / "true")], "file(1)").stdout.split(":", 1)[1].split(",")[:2] \
         if shutil.which("file") else ["?"]
     _step(steps, ("`chroot ROOT /bin/true`", f"exit 0 ({','.join(elf).strip()}); binfmt {fmt['interpreter']} "
@@ -366,6 +416,10 @@ def run(args) -> tuple[str, bool]:
     ok = True
     with tempfile.TemporaryDirectory(prefix="edgedance-arm64-") as tmpd, mounted(root):
         tmp = pathlib.Path(tmpd)
+        t0 = time.perf_counter()
+        added = ensure_root_packages(root)
+        _step(steps, ("root packages " + ", ".join(ROOT_PACKAGES), "installed in the root" if added else "present",
+                      time.perf_counter() - t0))
         bundle_note = f"`{bundle}`" if bundle else None
         if bundle is None:
             t0 = time.perf_counter()
@@ -374,7 +428,7 @@ def run(args) -> tuple[str, bool]:
                            "real architecture (`converter.bundle.make_test_bundle`), made on x86")
             _step(steps, ("test bundle on x86", "made", time.perf_counter() - t0))
 
-        # 3. source, venv, install
+        # 3. source, songs, bundle; venv; install
         t0 = time.perf_counter()
         n = copy_tree(REPO, root / SRC.lstrip("/"))
         work = root / WORK.lstrip("/")
@@ -383,10 +437,11 @@ def run(args) -> tuple[str, bool]:
         work.mkdir(parents=True)
         shutil.copy2(__file__, work / "probe.py")
         shutil.copytree(bundle, work / "bundle")
-        song = work / "song.wav"
-        from device.demo import write_song
-        write_song(song, seconds=args.seconds)
-        _step(steps, ("copy working tree + song + bundle", f"{n} files to ROOT{SRC}", time.perf_counter() - t0))
+        from device.demo import DEMO_SAMPLE_RATE_HZ, write_song
+        songs = [f"song{rate // 1000}k.wav" for rate in (16000, DEMO_SAMPLE_RATE_HZ)]
+        for name, rate in zip(songs, (16000, DEMO_SAMPLE_RATE_HZ)):
+            write_song(work / name, seconds=args.seconds, sr=rate)
+        _step(steps, ("copy working tree + songs + bundle", f"{n} files to ROOT{SRC}", time.perf_counter() - t0))
         venv = root / VENV.lstrip("/")
         if venv.exists():
             shutil.rmtree(venv)
@@ -394,44 +449,70 @@ def run(args) -> tuple[str, bool]:
         _step(steps, ("`python3 -m venv`", VENV, secs))
         p, secs = in_root(root, [f"{VENV}/bin/pip", "install", f"{SRC}[device]"], "pip install '.[device]' on arm64",
                           timeout=TIMEOUT_S["install"])
-        (tmp / "pip.log").write_text(p.stdout + p.stderr)
-        _step(steps, ("`pip install '.[device]'`", "ok", secs))
+        (work / "pip.log").write_text(p.stdout + p.stderr)
+        built = sorted({line.split("for ", 1)[1].split(" ")[0] for line in p.stdout.splitlines()
+                        if line.strip().startswith("Building wheel for ")})
+        _step(steps, ("`pip install '.[device]'`", "ok" + (f"; built from source: {', '.join(built)}" if built
+                                                            else ""), secs))
         p, _ = in_root(root, [f"{VENV}/bin/pip", "list", "--format=json"], "pip list")
         dists = {d["name"].lower(): d["version"] for d in json.loads(p.stdout)}
         p, secs = in_root(root, [f"{VENV}/bin/python", "-c", "import tensorflow"], "import tensorflow", check=False)
         no_tf = p.returncode != 0 and "No module named 'tensorflow'" in p.stderr and "tensorflow" not in dists
         ok &= no_tf
-        _step(steps, ("`import tensorflow` fails", "yes: ModuleNotFoundError, not installed" if no_tf
+        _step(steps, ("`import tensorflow` fails", "yes: ModuleNotFoundError; no tensorflow among the "
+                      f"{len(dists)} installed distributions" if no_tf
                       else f"NO (exit {p.returncode}): the device extra pulls TensorFlow", secs))
 
-        # 4. the on-device self-test
-        selftest = (REPO / "device" / "selftest.py").is_file()
-        if selftest:
-            p, secs = in_root(root, [f"{VENV}/bin/python", "-m", "device", "selftest", *args.selftest_args],
-                              "python -m device selftest", cwd=WORK, check=False)
-            selftest_out = (p.stdout + p.stderr).strip()
-            ok &= p.returncode == 0
-            _step(steps, ("`python -m device selftest`", "PASS (exit 0)" if p.returncode == 0
-                          else f"FAIL (exit {p.returncode})", secs))
+        # 4. the on-device self-test: the file source (no microphone under emulation), a private broker
+        st_args = ["--model", f"{WORK}/bundle", "--set", "audio.source=file", "--set", f"audio.file={WORK}/{songs[0]}",
+                   *args.selftest_args]
+        selftest_cmd = "python -m device selftest " + " ".join(st_args)
+        selftest_out = None
+        if (REPO / "device" / "selftest.py").is_file():
+            p, secs = in_root(root, [f"{VENV}/bin/python", "-m", "device", "selftest", *st_args],
+                              "python -m device selftest", cwd=WORK, check=False, cpu=args.cpus[0])
+            (work / "selftest.log").write_text(p.stdout + p.stderr)
+            selftest_out = p.stdout.strip()  # PASS/FAIL lines; ALSA/JACK probing noise goes to stderr
+            status = {line.split()[1].rstrip(":"): line.split()[0] for line in selftest_out.splitlines()
+                      if line.split()[:1] in (["PASS"], ["FAIL"], ["SKIP"]) and len(line.split()) > 1}
+            functional = all(status.get(c) == "PASS" for c in SELFTEST_MUST_PASS)
+            ok &= functional
+            verdict = "PASS (exit 0)" if p.returncode == 0 else (
+                f"exit {p.returncode}: " + ", ".join(f"{k} {v}" for k, v in status.items()))
+            _step(steps, (f"`{selftest_cmd}` (-cpu {args.cpus[0]})", verdict, secs))
         else:
-            selftest_out = None
-            _step(steps, ("`python -m device selftest`", "not run: device/selftest.py does not exist yet "
-                          "(features + bundle load + steps below instead)", 0.0))
+            _step(steps, ("`python -m device selftest`", "not run: device/selftest.py does not exist yet", 0.0))
 
-        # 5. the same song on both sides
-        x86_out, arm_out = tmp / "x86", work / "out"
-        t0 = time.perf_counter()
-        _run([sys.executable, __file__, "--probe", str(x86_out), "--wav", str(song), "--bundle", str(work / "bundle")],
-             "the probe on x86", cwd=str(tmp))
-        t_x86 = time.perf_counter() - t0
-        _, t_arm = in_root(root, [f"{VENV}/bin/python", PROBE, "--probe", f"{WORK}/out", "--wav", f"{WORK}/song.wav",
-                                  "--bundle", f"{WORK}/bundle"], "the probe on arm64", cwd=WORK)
-        _step(steps, ("probe (log-Mel, features, CLI, poses)", "x86 then arm64", t_x86 + t_arm))
+        # 5. the same songs on both sides
+        x86_out = tmp / "x86"
+        _, t_x86 = _run_timed([sys.executable, __file__, "--probe", str(x86_out), "--bundle", str(work / "bundle"),
+                               "--wav", *(str(work / s) for s in songs)], "the probe on x86", cwd=str(tmp))
         px86 = json.loads((x86_out / "probe.json").read_text())
-        parm = json.loads((arm_out / "probe.json").read_text())
-        cmp = compare(x86_out, arm_out)
-        ok &= cmp["log_mel_identical"] and cmp["features_identical"] and cmp["sidecar_identical"]
-        ok &= px86["cli_matches_extract"] and parm["cli_matches_extract"] and parm["machine"] == "aarch64"
+        _step(steps, ("probe on x86: PCM, log-Mel, features (in-process + CLI), poses", "ok", t_x86))
+        from device.frontend import log_mel
+        parm, cmp, poses = {}, {}, {}
+        for cpu in args.cpus:
+            arm_out = work / f"out-{cpu}"
+            p, t_arm = in_root(root, [f"{VENV}/bin/python", PROBE, "--probe", f"{WORK}/out-{cpu}",
+                                      "--bundle", f"{WORK}/bundle", "--wav", *(f"{WORK}/{s}" for s in songs)],
+                               f"the probe on arm64 ({cpu})", cwd=WORK, cpu=cpu)
+            parm[cpu] = json.loads((arm_out / "probe.json").read_text())
+            parm[cpu]["xnnpack"] = "XNNPACK delegate" in p.stderr
+            _step(steps, (f"probe on arm64, -cpu {cpu}", "ok", t_arm))
+            for s in songs:
+                stem = s[:-4]
+                c = compare_song(x86_out / stem, arm_out / stem)
+                # Localise a difference: this host's integer frontend on the arm64 side's PCM.
+                c["frontend_on_arm_pcm_identical"] = _same(log_mel(np.load(arm_out / stem / "pcm.npy")),
+                                                           np.load(arm_out / stem / "log_mel.npy"))
+                cmp[(cpu, stem)] = c
+            poses[cpu] = compare_poses(x86_out, arm_out)
+            first = cmp[(cpu, songs[0][:-4])]
+            ok &= first["pcm_identical"] and first["log_mel_identical"] and first["features_identical"]
+            ok &= first["sidecar_identical"] and parm[cpu]["machine"] == "aarch64"
+            ok &= all(cmp[(cpu, s[:-4])]["frontend_on_arm_pcm_identical"] for s in songs)
+            ok &= all(r["cli_matches_extract"] for r in parm[cpu]["songs"].values())
+        ok &= all(r["cli_matches_extract"] for r in px86["songs"].values())
         p, _ = in_root(root, ["cat", "/etc/debian_version"], "debian_version")
         debian = p.stdout.strip()
         p, _ = in_root(root, ["uname", "-m"], "uname -m")
@@ -444,62 +525,102 @@ def run(args) -> tuple[str, bool]:
             shutil.rmtree(work)
 
     total = time.perf_counter() - t_all
-    md = report(args, steps, px86, parm, cmp, dists, debian, uname, bundle_note, selftest_out, ok, total)
+    md = report(args, steps, px86, parm, cmp, poses, songs, debian, uname, bundle_note, selftest_cmd, selftest_out,
+                ok, total)
     return md, ok
+
+
+def _run_timed(cmd, what, **kw):
+    t0 = time.perf_counter()
+    p = _run(cmd, what, **kw)
+    return p, time.perf_counter() - t0
 
 
 def _yn(v: bool) -> str:
     return "**yes**" if v else "**NO**"
 
 
-def report(args, steps, px86, parm, cmp, dists, debian, uname, bundle_note, selftest_out, ok, total) -> str:
-    argv = " ".join(args.argv)
-    cmd = f"python -m bench.arm64 {argv}".strip()
+def _g(v) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def report(args, steps, px86, parm, cmp, poses, songs, debian, uname, bundle_note, selftest_cmd, selftest_out,
+           ok, total) -> str:
+    cmd = f"python -m bench.arm64 {' '.join(args.argv)}".strip()
+    cpus = args.cpus
     lines = [
         "## arm64 (Raspberry Pi OS base) under emulation",
         "",
         f"`{cmd}` on {datetime.date.today().isoformat()}, as root, x86_64 host with qemu-user-static: "
         f"**{'PASS' if ok else 'FAIL'}** in {total / 60:.1f} min. Debian {debian} arm64 minbase root "
-        f"`{args.root}`, `uname -m` inside: `{uname}`. Bundle: {bundle_note}.",
+        f"`{args.root}`, `uname -m` inside: `{uname}`; emulated CPUs: "
+        + ", ".join(f"`{c}`" + (f" ({PI_CPUS[c]})" if c in PI_CPUS else "") for c in cpus)
+        + f". Bundle: {bundle_note}.",
         "",
         "| step | result | seconds |",
         "| --- | --- | --- |",
     ]
     lines += [f"| {s} | {r} | {t:.0f} |" for s, r, t in steps]
-    lines += ["", "Versions:", "", "| | x86_64 (host .venv) | arm64 (emulated venv) |", "| --- | --- | --- |"]
+    lines += ["", "Versions:", "", "| | x86_64 (host .venv) | " + " | ".join(f"arm64 -cpu {c}" for c in cpus) + " |",
+              "| --- | --- | " + " | ".join("---" for _ in cpus) + " |"]
     for k in ("machine", "python", "numpy", "ai-edge-litert", "soundfile", "paho-mqtt", "PyAudio", "tensorflow",
-              "runtime"):
-        lines.append(f"| {k} | {px86.get(k) or '-'} | {parm.get(k) or '-'} |")
-    sec = parm["seconds_audio"]
-    lines += [
-        "",
-        f"Same file on both sides: `device.demo.write_song(seconds={args.seconds})` ({sec:.0f} s, 22.05 kHz WAV), "
-        f"log-Mel {cmp['log_mel_shape']} {cmp['log_mel_dtype']}, features {cmp['features_shape']} float32.",
-        "",
-        "| check | result |",
-        "| --- | --- |",
-        f"| int16 log-Mel (`device.frontend.log_mel`) bit-identical | {_yn(cmp['log_mel_identical'])} |",
-        f"| features (`python -m device features SONG --out F.npy`) bit-identical | "
-        f"{_yn(cmp['features_identical'])} (max abs diff {cmp['features_max_abs_diff']:.3g}) |",
-        f"| F.json (beat times, bpm, phase, metre, config hash) identical | {_yn(cmp['sidecar_identical'])} |",
-        f"| CLI output == in-process `features.extract` (x86 / arm64) | {_yn(px86['cli_matches_extract'])} / "
-        f"{_yn(parm['cli_matches_extract'])} |",
-    ]
-    if "poses_identical" in cmp:
-        lines.append(f"| poses of the same bundle ({parm.get('quantize')}, LiteRT, 1 thread) from those features | "
-                     f"identical: {_yn(cmp['poses_identical'])}, max abs diff {cmp['poses_max_abs_diff']:.3g} "
-                     f"(heading {cmp['headings_max_abs_diff']:.3g} rad) |")
-    lines += ["", "Time (wall; the arm64 side is emulated by qemu on this x86 host, not a Pi's speed):", "",
-              "| stage | x86_64 | arm64 (qemu) | slowdown |", "| --- | --- | --- | --- |"]
-    for key, name in (("log_mel_s", "log-Mel, whole song"), ("extract_s", "features, whole song"),
-                      ("cli_features_s", "`python -m device features` (start + imports + song)"),
-                      ("model_run_s", "model, all frames (`StreamingModel.run`)")):
-        if key in px86 and key in parm:
-            a, b = px86[key], parm[key]
-            lines.append(f"| {name} | {a:.2f} s ({sec / a:.0f}x real time) | {b:.2f} s ({sec / b:.1f}x real time) "
-                         f"| {b / a:.0f}x |")
+              "runtime", "xnnpack"):
+        v86 = "yes (log line)" if k == "xnnpack" else (px86.get(k) or "-")
+        lines.append(f"| {k} | {v86} | " + " | ".join(
+            ("yes" if parm[c].get(k) else "no") if k == "xnnpack" else str(parm[c].get(k) or "-") for c in cpus) + " |")
     if selftest_out:
-        lines += ["", "`python -m device selftest` on arm64:", "", "```", selftest_out[-3000:], "```"]
+        lines += ["", f"`{selftest_cmd}` on arm64 (-cpu {cpus[0]}), its stdout:", "", "```", selftest_out[-3000:], "```",
+                  "", f"The bench requires {', '.join(SELFTEST_MUST_PASS)} to PASS; `realtime` is reported, not "
+                  "required: under qemu on a shared x86 it measures the emulator and the other jobs, not a Pi."]
+
+    cols = [(c, s[:-4]) for s in songs for c in cpus]
+    lines += ["", f"The same files on both sides: `device.demo.write_song(seconds={args.seconds:g}, sr=...)` at "
+              "16 kHz (the frontend's rate: no resampling) and at 22.05 kHz (through `device.audio.resample`, "
+              "float32). x86 and arm64 outputs compared with `np.array_equal` (dtype and shape included):", "",
+              "| check | " + " | ".join(f"`{s}.wav`, {c}" for c, s in cols) + " |",
+              "| --- | " + " | ".join("---" for _ in cols) + " |"]
+    rows = [
+        ("int16 PCM after `device.audio.load_file`", lambda r: f"{_yn(r['pcm_identical'])}"
+         + ("" if r["pcm_identical"] else f" ({r['pcm_samples_differing']} samples differ, max "
+            f"{_g(r['pcm_max_abs_diff'])} LSB)")),
+        ("int16 log-Mel (`device.frontend.log_mel`)", lambda r: f"{_yn(r['log_mel_identical'])} {r['log_mel_shape']}"
+         + ("" if r["log_mel_identical"] else f", max diff {_g(r['log_mel_max_abs_diff'])} (Q7.8) = "
+            f"{(r['log_mel_max_abs_diff'] or 0) / 256:.2f} dB")),
+        ("x86 frontend on the arm64 PCM == arm64 log-Mel", lambda r: _yn(r["frontend_on_arm_pcm_identical"])),
+        ("features `python -m device features SONG --out F.npy`", lambda r: f"{_yn(r['features_identical'])} "
+         f"{r['features_shape']}, max abs diff {_g(r['features_max_abs_diff'])}"),
+        ("F.json (beat times, bpm, phase, metre, config hash)", lambda r: _yn(r["sidecar_identical"])),
+    ]
+    for name, fn in rows:
+        lines.append(f"| {name} | " + " | ".join(fn(cmp[k]) for k in cols) + " |")
+    lines.append("| CLI features == in-process `features.extract` (x86 / arm64) | " + " | ".join(
+        f"{_yn(px86['songs'][s]['cli_matches_extract'])} / {_yn(parm[c]['songs'][s]['cli_matches_extract'])}"
+        for c, s in cols) + " |")
+    p0 = parm[cpus[0]]
+    lines += ["", f"Poses of the same bundle ({p0.get('quantize')}, LiteRT, 1 thread, {p0.get('frames')} frames) from "
+              f"the `{songs[0]}` features, arm64 vs x86: " + "; ".join(
+                  f"{c}: identical {_yn(poses[c]['poses_identical'])}, max abs diff {_g(poses[c]['poses_max_abs_diff'])}"
+                  f", heading {_g(poses[c]['headings_max_abs_diff'])} rad" for c in cpus) + "."]
+
+    s0 = songs[0][:-4]
+    sec = p0["songs"][s0]["seconds_audio"]
+    lines += ["", f"Time for `{songs[0]}` ({sec:.0f} s of audio), wall clock, and the slowdown in CPU time (process "
+              "time): the arm64 side is qemu emulating arm64 on this shared x86 host, which says nothing about a "
+              "Pi's speed:", "",
+              "| stage | x86_64 | " + " | ".join(f"arm64 {c} (slowdown)" for c in cpus) + " |",
+              "| --- | --- | " + " | ".join("---" for _ in cpus) + " |"]
+    a = px86["songs"][s0]
+    for key, name in (("log_mel", "log-Mel, whole song"), ("extract", "features, whole song")):
+        lines.append(f"| {name} | {a[key + '_s']:.2f} s | " + " | ".join(
+            f"{parm[c]['songs'][s0][key + '_s']:.2f} s ({parm[c]['songs'][s0][key + '_cpu_s'] / max(a[key + '_cpu_s'], 1e-9):.0f}x)"
+            for c in cpus) + " |")
+    lines.append(f"| `python -m device features` (interpreter start, imports, song; wall) | {a['cli_features_s']:.2f} s | "
+                 + " | ".join(f"{parm[c]['songs'][s0]['cli_features_s']:.2f} s "
+                              f"({parm[c]['songs'][s0]['cli_features_s'] / a['cli_features_s']:.0f}x)" for c in cpus) + " |")
+    if "model_run_s" in px86:
+        lines.append(f"| model, {p0['frames']} steps (`StreamingModel.run`) | {px86['model_run_s']:.2f} s | " + " | ".join(
+            f"{parm[c]['model_run_s']:.2f} s ({parm[c]['model_run_cpu_s'] / max(px86['model_run_cpu_s'], 1e-9):.0f}x)"
+            for c in cpus) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -516,9 +637,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "missing, a random-weight test bundle made on x86)")
     ap.add_argument("--selftest-args", nargs=argparse.REMAINDER, default=[],
                     help="extra arguments for `python -m device selftest` (the rest of the line)")
+    ap.add_argument("--cpus", type=lambda v: [c for c in v.split(",") if c], default=["cortex-a72", "cortex-a76"],
+                    help="qemu CPU models to emulate, comma-separated (default cortex-a72,cortex-a76: the Pi 4's and "
+                    "the Pi 5's cores); the selftest runs on the first")
     ap.add_argument("--out", default=str(OUT), help="markdown file to write")
     ap.add_argument("--probe", metavar="OUTDIR", help="internal: run the probe on this machine into OUTDIR")
-    ap.add_argument("--wav", help="internal: the probe's song")
+    ap.add_argument("--wav", nargs="+", help="internal: the probe's songs")
     return ap
 
 

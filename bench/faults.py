@@ -42,14 +42,16 @@ def _row(name: str, r: dict) -> str:
         rec = f"status online {_s(r['online_after_up_s'])} s, poses {_s(r['pose_after_up_s'])} s after the broker is up"
         robot = f"neutral after {_s(r['robot_neutral_s'])} s; dancing {_s(r['robot_moving_again_s'])} s after"
     elif name.startswith("partition"):
-        rec = (f"will `offline` {_s(r['offline_s'])} s into it; device noticed: {'yes' if r['device_noticed'] else 'no'}; "
+        noticed = "yes" if r["device_noticed"] else "no"
+        rec = (f"will `offline` {_s(r['offline_s'])} s into it; device noticed: {noticed}; "
                f"online again {_s(r['online_after_heal_s'])} s, poses {_s(r['pose_after_heal_s'])} s after the heal; "
                f"{r['late_poses']} pose frames delivered > 1 s late")
         robot = f"neutral after {_s(r['robot_neutral_s'])} s; dancing {_s(r['robot_moving_again_s'])} s after heal"
     elif name == "kill":
         rec = (f"will `offline` {_s(r['offline_s'], '{:.3f}')} s; restarted {_s(r['restarted_after_s'])} s, "
                f"online {_s(r['online_s'])} s, poses {_s(r['pose_s'])} s after the kill")
-        robot = f"neutral {_s(r['robot_neutral_s'])} s after the kill; dancing {_s(r['robot_moving_again_s'])} s after online"
+        robot = (f"neutral {_s(r['robot_neutral_s'])} s after the kill; "
+                 f"dancing {_s(r['robot_moving_again_s'])} s after online")
     elif name == "stalled":
         rss0, peak = r["broker_rss_kb"]
         rec = (f"others: p50/p99 {r['latency_ms_during'][0]:.1f}/{r['latency_ms_during'][1]:.0f} ms "
@@ -60,7 +62,9 @@ def _row(name: str, r: dict) -> str:
         rec = f"exit code {r['returncode']}, log bytes written {r['log_bytes']}, states {r['states']}"
         robot = "kept following"
     lost = (f"poses {r['pose_lost']} of {r['poses'] + r['pose_lost']}, beats {r['beat_lost']} of "
-            f"{r['beats'] + r['beat_lost']}" + (f" ({r['beat_reordered']} out of order)" if r.get('beat_reordered') else ""))
+            f"{r['beats'] + r['beat_lost']}")
+    if r.get("beat_reordered"):
+        lost += f" ({r['beat_reordered']} out of order)"
     return f"| {r['fault']} | {rec} | {robot} | {lost} |"
 
 

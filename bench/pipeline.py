@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> str:
     from broker.launcher import Broker
 
     cmd = "python -m bench.pipeline" + (f" {' '.join(argv)}" if argv else "")
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         tmp = pathlib.Path(tmp)
         bundle, bundle_note = _bundle(args.bundle, tmp)
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> str:
             rows, extra = cpu_per_stage(pcm_cpu, bundle, broker)
             lat = latency_run(pcm_rt, bundle, broker, args.format)
 
+    load_after = os.getloadavg()[0]
     total640 = sum(r[1] for r in rows)
     total160 = sum(r[2] for r in rows)
     d = lat["device"]
@@ -216,7 +218,11 @@ def main(argv: list[str] | None = None) -> str:
         "",
         f"Command: `{cmd}` (also run by `python -m bench.run`; the 5-minute run: "
         "`python -m bench.pipeline --seconds 300`). "
-        f"Date: {datetime.date.today().isoformat()}. Bundle: {bundle_note}. Audio: {audio_note}.",
+        f"Date: {datetime.date.today().isoformat()}. Bundle: {bundle_note}. Audio: {audio_note}. "
+        f"Machine load (1-min load average) {load_before:.1f} before and {load_after:.1f} after the run, "
+        f"on {os.cpu_count()} logical CPUs" + (": other jobs were competing for the cores, which shows in the "
+                                               "latency tail." if max(load_before, load_after) > (os.cpu_count() or 1)
+                                               else "."),
         "",
         "### CPU per second of audio, per stage (thread CPU time, one core)",
         "",

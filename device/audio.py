@@ -56,8 +56,8 @@ def read_float(path: str | os.PathLike) -> tuple[np.ndarray, int]:
 
 
 def to_pcm16(x: np.ndarray) -> np.ndarray:
-    """float in [-1, 1] -> int16, clipped (full scale = 32767)."""
-    return np.clip(np.round(x * 32767.0), -32768, 32767).astype(np.int16)
+    """float in [-1, 1) -> int16, clipped. Scale 32768, soundfile's own, so int16 files round-trip exactly."""
+    return np.clip(np.round(x * 32768.0), -32768, 32767).astype(np.int16)
 
 
 def resample(x: np.ndarray, sr_in: int, sr_out: int, taps_per_side: int = 16) -> np.ndarray:
@@ -349,7 +349,7 @@ class MicSource(_Source):
         if self._resampler.passthrough:
             pcm = x.astype(np.int16, copy=True)
         else:
-            pcm = to_pcm16(self._resampler.process(x.astype(np.float32) / 32767.0))
+            pcm = to_pcm16(self._resampler.process(x.astype(np.float32) / 32768.0))
         with self._ready:
             if len(self._q) >= self._max_queue:
                 self.dropped_samples += len(self._q.popleft().pcm)
@@ -468,7 +468,7 @@ class StdinSource(_Source):
                 carry = data[n:]
                 x = np.frombuffer(data[:n], dtype="<i2")
                 if not self._resampler.passthrough:
-                    x = to_pcm16(self._resampler.process(x.astype(np.float32) / 32767.0))
+                    x = to_pcm16(self._resampler.process(x.astype(np.float32) / 32768.0))
                 else:
                     x = x.astype(np.int16)
                 if len(x):

@@ -2,18 +2,20 @@
 
 Per hop, from past audio only:
 
-1. **Onset strength**: half-wave-rectified spectral flux of the Q7.8 log-Mel, summed over
-   bands in integers (exact, so any chunking gives the same value), log-compressed
-   (`log1p` of the mean dB rise per band), then normalized causally: minus a running
-   mean, divided by a running standard deviation (exponential, `ONSET_MEAN_S`, `ONSET_SD_S`).
+1. **Onset strength**: each band's Q7.8 dB becomes a compressed magnitude log(1 + g a),
+   a = amplitude relative to a running level (the loudest band, `LEVEL_S`), g = `ONSET_GAIN`
+   (so a rise out of near-silence weighs little, a loud hit much); the half-wave-rectified
+   flux of that, averaged over bands, is normalized causally: minus a running mean,
+   divided by a running standard deviation (exponential, `ONSET_MEAN_S`, `ONSET_SD_S`).
 2. **Tempo**: an exponentially weighted autocorrelation of the onset strength, updated
    every hop (time constant `cfg.tempo_window_s / 3`, so 95 % of its weight lies inside
    the window), read every `TEMPO_EVERY` hops through a 4-harmonic comb (a lag gets the
-   support of its multiples, which suppresses the half-tempo error), weighted by a
-   log-Gaussian tempo prior (`PRIOR_BPM`, `PRIOR_OCTAVES`), refined by parabolic
-   interpolation; a new tempo replaces the current one only when its score is
-   `TEMPO_SWITCH` better (hysteresis), otherwise the peak near the current tempo is
-   followed (tempo drift).
+   support of its multiples), weighted by a log-Gaussian tempo prior (`PRIOR_BPM`,
+   `PRIOR_OCTAVES`, which settles the octave), refined by parabolic interpolation. A new
+   tempo replaces the current one only when it scores `TEMPO_SWITCH` better (hysteresis);
+   otherwise the peak near the current tempo is followed (drift). A second autocorrelation
+   with a 1 s memory detects tempo changes (`FAST_*`): when it steadily prefers another
+   tempo by a wide margin, the tracker jumps there and rebuilds its beat score.
 3. **Beat phase**: a cumulative beat score (Ellis' dynamic programme run forward, as in
    Stark's BTrack): score(t) = (1 - a) onset(t) + a max_v W(v) score(t - v), v in [P/2, 2P],
    W a log-Gaussian around the beat period P. Half a period after each beat the score is
@@ -22,12 +24,15 @@ Per hop, from past audio only:
    predicted before they happen and raised in the hop that contains them, corrected by
    the onset detector's latency (`LATENCY_HOPS`).
 4. **Metre and bar phase**: at each beat a 40-band accent vector (the compressed band
-   magnitudes averaged over the hops around the beat) is stored; the running mean distance between beats 3 apart and
-   4 apart decides 3/4 vs 4/4 (the bar repeats: same-position beats look alike), with
-   hysteresis. The downbeat is the bar position with the strongest low-band accent.
+   magnitudes averaged over the hops around the beat) is kept; running mean distances
+   between beats 3 apart and 4 apart decide 3/4 vs 4/4 (a bar repeats, so same-position
+   beats look alike), with hysteresis. The downbeat is the bar position whose bass (Mel
+   bands below ~200 Hz) is loudest, switched only for a `DOWNBEAT_SWITCH_DB` margin.
 
-`BeatTracker.process(mel (k, n_mels) int16) -> BeatFrames` (k hops). The trainer runs the
-same object over a whole file (`device.features.extract`), so offline = online.
+`BeatTracker.process(mel (k, n_mels) int16) -> BeatFrames` (k hops), or `step(frame)` per
+hop. The trainer runs the same object over a whole file (`device.features.extract`), so
+offline = online. Constants below were tuned on synthesized drums and the 33 Music-to-Dance
+songs (agreement with madmom's online tracker, see docs/bench/beat.md).
 """
 from __future__ import annotations
 
@@ -43,9 +48,9 @@ log = logging.getLogger(__name__)
 
 LEVEL_S = 2.0            # running level (peak band, dB) the magnitudes are taken relative to
 ONSET_GAIN = 100.0       # log(1 + 100 a): 40 dB of range above the compression knee at -40 dB re level
-ONSET_MEAN_S = 1.0       # running mean of the log flux subtracted from it (detrending)
+ONSET_MEAN_S = 1.0       # running mean of the flux subtracted from it (detrending)
 ONSET_SD_S = 3.0         # running standard deviation it is divided by (level invariance)
-ONSET_SD_FLOOR = 0.05    # in log-flux units, so digital silence does not divide by zero
+ONSET_SD_FLOOR = 0.05    # in flux units, so digital silence does not divide by zero
 ONSET_MAX = 50.0         # normalized onset clipped here
 COMB_WEIGHTS = (1.0, 0.5, 1 / 3, 0.25)  # comb: a lag L is scored on L, 2L, 3L, 4L with these weights
 N_HARMONICS = len(COMB_WEIGHTS)
@@ -60,9 +65,9 @@ FAST_VOTES = 5           # ... at 5 read-outs in a row (0.5 s) to force a tempo 
 RESCORE_ON_JUMP = True   # rebuild the cumulative score when the tempo jumps
 TEMPO_SWITCH = 0.10      # a different tempo must score 10 % better than the current one
 TEMPO_FOLLOW = 0.05      # the current tempo follows its peak within +-5 %
-CUM_ALPHA = 0.9          # weight of the past in the cumulative beat score
+CUM_ALPHA = 0.8          # weight of the past in the cumulative beat score (0.9 in BTrack; 0.8 tracked the songs better)
 CUM_TIGHTNESS = 5.0      # width of the log-Gaussian transition window (BTrack's value)
-LATENCY_HOPS = 1         # onset peaks lag the sound by ~ 20 ms (window centre); measured on clicks
+LATENCY_HOPS = 1         # onset peaks lag the sound by one 10 ms hop; measured on synthesized drums
 METER_MIN_BEATS = 12     # beats before a metre is declared
 METER_SMOOTH = 0.95      # per-beat decay of the 3- vs 4-apart distance averages
 METER_HYSTERESIS = 0.03  # relative distance margin to switch metre

@@ -28,6 +28,9 @@ class CliError(Exception):
 
 # -- beats --------------------------------------------------------------------------------
 def add_beats(p: argparse.ArgumentParser) -> None:
+    p.description = ("Print the beat times (seconds from the start of the file, one per line) that the "
+                     "device's causal tracker raises while listening: each beat is predicted from past audio "
+                     "only, as live. The first beats come after about 2.5 s of warm-up.")
     p.add_argument("audio", metavar="AUDIO", help="WAV, MP3 or FLAC file (stereo is mixed to mono)")
     p.add_argument("--tempo", action="store_true",
                    help="also print a tempo / metre summary to stderr (median BPM over the song, final metre)")
@@ -45,6 +48,9 @@ def cmd_beats(args: argparse.Namespace) -> int:
 
 # -- features -----------------------------------------------------------------------------
 def add_features(p: argparse.ArgumentParser) -> None:
+    p.description = ("Compute the model's input, one row per 40 ms pose frame: 40 level-normalized Mel "
+                     "bands, onset strength, beat and bar phase (sin/cos), tempo, beat flag and metre, each "
+                     "a fixed affine map into [-1, 1] (device.features.FEATURE_SCALE).")
     p.add_argument("audio", metavar="AUDIO", help="WAV, MP3 or FLAC file (stereo is mixed to mono)")
     p.add_argument("--out", metavar="F.npy",
                    help="write x, the model input, as float32 (T, F) .npy; beside it F.json holds the column "

@@ -442,8 +442,8 @@ def add_run(p):
     p.add_argument("--source", dest="audio.source", choices=("mic", "file", "stdin"), help="audio source")
     p.add_argument("--file", dest="audio.file", metavar="AUDIO", help="audio file (implies --source file)")
     p.add_argument("--mic", dest="audio.device", metavar="NAME|INDEX", help="microphone (see `devices`)")
-    p.add_argument("--host", dest="mqtt.host", help="MQTT broker host (mqtt.host)")
-    p.add_argument("--port", dest="mqtt.port", help="MQTT broker port (mqtt.port)")
+    p.add_argument("--host", dest="mqtt.host", metavar="HOST", help="MQTT broker host (mqtt.host)")
+    p.add_argument("--port", dest="mqtt.port", metavar="PORT", help="MQTT broker port (mqtt.port)")
     p.add_argument("--max-seconds", dest="runtime.max_seconds", metavar="S", help="stop after S s of audio")
     p.add_argument("--print-config", action="store_true", help="print the merged settings and where each came from")
 

@@ -179,8 +179,6 @@ def _round_trip(dev, host, port, settings, timeout, user=None, password=None, lo
     """CONNACK with the device's credentials, a QoS 1 publish on its metrics topic with the
     broker's PUBACK reason code (MQTT 5 says 'Not authorized' for an ACL refusal), and the
     message read back by a listener when the ACL lets that listener read."""
-    import paho.mqtt.client as mqtt
-
     from device import protocol
     from device.publish import Publisher
     if settings is not None:

@@ -17,6 +17,9 @@ tmpfs. Nothing is mocked.
 - `StalledSubscriber`: a client that subscribes to everything and then never reads its
   socket again.
 - `tiny_tmpfs`: a small tmpfs mounted by the test (root only), filled to the last byte.
+- `hostile_payloads`: the garbage tests/test_bad_input.py throws at the robot and the display.
+- `scenario_*`: one fault each, start to end, returning what it measured (dict); used by
+  tests/test_faults.py with short faults and by bench/faults.py with 30 s ones.
 """
 from __future__ import annotations
 

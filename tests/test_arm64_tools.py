@@ -56,8 +56,9 @@ def test_working_tree_files_tracked_untracked_not_ignored(tmp_path):
     assert not (tmp_path / "copy" / ".venv").exists()
 
 
-def _side(d, mel, x, meta, poses=None):
+def _side(d, pcm, mel, x, meta, poses=None):
     d.mkdir()
+    np.save(d / "pcm.npy", pcm)
     np.save(d / "log_mel.npy", mel)
     np.save(d / "F.npy", x)
     (d / "F.json").write_text(json.dumps(meta))
@@ -68,28 +69,32 @@ def _side(d, mel, x, meta, poses=None):
 
 def test_compare_is_bit_exact(tmp_path):
     rng = np.random.default_rng(0)
+    pcm = rng.integers(-3000, 3000, 1600).astype(np.int16)
     mel = rng.integers(-20000, 0, (50, 40)).astype(np.int16)
     x = rng.standard_normal((10, 46)).astype(np.float32)
     poses = rng.uniform(-1, 1, (10, 14, 2)).astype(np.float32)
     meta = {"beat_times": [0.5, 1.0], "feature_config_hash": "abc"}
-    _side(tmp_path / "a", mel, x, meta, poses)
-    _side(tmp_path / "b", mel, x, meta, poses)
-    r = arm64.compare(tmp_path / "a", tmp_path / "b")
-    assert r["log_mel_identical"] and r["features_identical"] and r["sidecar_identical"] and r["poses_identical"]
-    assert r["features_max_abs_diff"] == 0.0
+    _side(tmp_path / "a", pcm, mel, x, meta, poses)
+    _side(tmp_path / "b", pcm, mel, x, meta, poses)
+    r = arm64.compare_song(tmp_path / "a", tmp_path / "b")
+    assert r["pcm_identical"] and r["log_mel_identical"] and r["features_identical"] and r["sidecar_identical"]
+    assert r["features_max_abs_diff"] == 0.0 and r["pcm_samples_differing"] == 0
+    assert arm64.compare_poses(tmp_path / "a", tmp_path / "b")["poses_identical"]
 
-    mel2 = mel.copy()
+    pcm2, mel2, x2 = pcm.copy(), mel.copy(), x.copy()
+    pcm2[[5, 900]] += 1  # two samples, one LSB
     mel2[7, 3] ^= 1  # one bit
-    x2 = x.copy()
     x2[2, 5] = np.nextafter(x2[2, 5], np.float32(np.inf))  # one ulp
-    _side(tmp_path / "c", mel2, x2, {**meta, "beat_times": [0.5, 1.04]}, poses + 1e-3)
-    r = arm64.compare(tmp_path / "a", tmp_path / "c")
-    assert not (r["log_mel_identical"] or r["features_identical"] or r["sidecar_identical"] or r["poses_identical"])
+    _side(tmp_path / "c", pcm2, mel2, x2, {**meta, "beat_times": [0.5, 1.04]}, poses + 1e-3)
+    r = arm64.compare_song(tmp_path / "a", tmp_path / "c")
+    assert not (r["pcm_identical"] or r["log_mel_identical"] or r["features_identical"] or r["sidecar_identical"])
+    assert r["pcm_samples_differing"] == 2 and r["pcm_max_abs_diff"] == 1 and r["log_mel_max_abs_diff"] == 1
     assert 0 < r["features_max_abs_diff"] < 1e-6
-    assert r["poses_max_abs_diff"] == pytest.approx(1e-3, rel=1e-2)
+    rp = arm64.compare_poses(tmp_path / "a", tmp_path / "c")
+    assert not rp["poses_identical"] and rp["poses_max_abs_diff"] == pytest.approx(1e-3, rel=1e-2)
 
-    _side(tmp_path / "d", mel.astype(np.int32), x, meta)  # same values, wrong dtype: not identical
-    assert not arm64.compare(tmp_path / "a", tmp_path / "d")["log_mel_identical"]
+    _side(tmp_path / "d", pcm, mel.astype(np.int32), x, meta)  # same values, wrong dtype: not identical
+    assert not arm64.compare_song(tmp_path / "a", tmp_path / "d")["log_mel_identical"]
 
 
 def test_root_complete(tmp_path):

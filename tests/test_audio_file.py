@@ -68,3 +68,9 @@ def test_resampler_rejects_aliases_and_keeps_passband():
     assert np.abs(resample(x, 48000, 16000)[200:-200]).max() < 1e-3
     y = resample(np.sin(2 * np.pi * 2000 * np.arange(44100) / 44100), 44100, 16000)
     assert np.abs(y[200:-200]).max() == pytest.approx(1.0, abs=0.01)
+
+
+def test_int16_wav_at_16k_is_read_bit_exactly(tmp_path):
+    pcm = np.random.default_rng(3).integers(-32768, 32767, 16000, dtype=np.int16)
+    sf.write(tmp_path / "x.wav", pcm, SR, subtype="PCM_16")
+    assert np.array_equal(load_file(tmp_path / "x.wav"), pcm)

@@ -340,7 +340,7 @@ def test_hostile_commands_never_stop_the_device(broker, song, tiny_bundle, tmp_p
     assert rc == 0 and "Traceback" not in log, log[-3000:]
     assert refused and "other-frontend" in refused.msg["reason"] and "n_mels" in refused.msg["reason"], refused
     assert log.count("ignored a bad command") == len(junk), log[-3000:]
-    assert all(r.msg is not None for r in rec.snapshot()), "the device published something invalid"
+    assert all(r.msg is not None for r in rec.snapshot() if r.kind != "cmd"), "the device published something invalid"
 
 
 # --- silence, clipping and DC at the input ------------------------------------------------------
@@ -356,7 +356,8 @@ def _edge_signals() -> dict[str, np.ndarray]:
         "dc_half": np.full(n, 0.5),
         "dc_full_negative": np.full(n, -1.0),
         "nyquist_full_scale": np.where(np.arange(n) % 2 == 0, 1.0, -1.0),
-        "dc_then_clipped_then_silence": np.concatenate([np.full(n // 3, 1.0), loud[: n // 3], np.zeros(n - 2 * (n // 3))]),
+        "dc_then_clipped_then_silence": np.concatenate([np.full(n // 3, 1.0), loud[: n // 3],
+                                                        np.zeros(n - 2 * (n // 3))]),
     }
 
 
@@ -376,14 +377,16 @@ def test_silence_clipping_and_dc_through_generate(tiny_bundle, tmp_path):
 
 
 def test_silence_clipping_and_dc_through_the_live_device(broker, tiny_bundle, tmp_path):
-    """All of them back to back through `python -m device run` (file source, as fast as it goes) to a real
-    broker: every frame arrives, each one schema-valid (finite, keypoints in [-1, 1]); beats never NaN."""
+    """All of them back to back through `python -m device run` (file source, as fast as it goes, a ring big
+    enough for the whole file) to a real broker: every frame arrives, each one schema-valid (finite,
+    keypoints in [-1, 1], beat fields in range)."""
     x = np.concatenate(list(_edge_signals().values()))
     wav = tmp_path / "edges.wav"
     sf.write(wav, x.astype(np.float32), SR, subtype="PCM_16")
     pw = tmp_path / "pw"
     pw.write_text(broker.credentials["device-pi1"])
-    argv = fl.device_run_argv(wav, tiny_bundle, broker.host, broker.port, pw, loop=False, audio_realtime="false")
+    argv = fl.device_run_argv(wav, tiny_bundle, broker.host, broker.port, pw, loop=False, audio_realtime="false",
+                              audio_ring_s=30)
     with fl.Recorder(broker.host, broker.port, "display", broker.credentials["display"]) as rec:
         t0 = time.time()
         r = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -395,3 +398,15 @@ def test_silence_clipping_and_dc_through_the_live_device(broker, tiny_bundle, tm
     assert all(g.msg is not None for g in got), [g.error for g in got if g.msg is None][:3]
     assert len(poses) == want, (len(poses), want)
     assert [p.msg["seq"] for p in poses] == list(range(want))
+
+
+@pytest.mark.xfail(strict=True, reason="device/pipeline.py _Ring: with audio.realtime = false the file source "
+                   "outruns the model and the ring (audio.ring_s, 2 s) throws the surplus away: `run` on a 6 s file "
+                   "processes about 2 s of it. A non-real-time source should block the capture thread instead.")
+def test_as_fast_as_possible_run_processes_the_whole_file(tiny_bundle, tmp_path):
+    sf.write(tmp_path / "six.wav", tone(6.0), SR, subtype="PCM_16")
+    r = run_cli("run", "--file", str(tmp_path / "six.wav"), "--model", str(tiny_bundle), "--set", "mqtt.enabled=false",
+                "--set", "audio.realtime=false")
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = re.search(r"frames (\d+), audio ([\d.]+) s.*dropped frames (\d+)", r.stderr)
+    assert m and int(m.group(1)) == 150 and int(m.group(3)) == 0, r.stderr[-500:]

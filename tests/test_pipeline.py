@@ -203,3 +203,41 @@ def test_cli_generate_writes_poses_and_heading(song, tiny_bundle, tmp_path):
     r = subprocess.run([sys.executable, "-m", "device", "generate", str(path), "--out", str(out), "--model",
                         str(tmp_path / "nope")], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 2 and "nope" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_whole_device_survives_a_broker_restart_and_delivers_the_outage_beats(tmp_path, song, tiny_bundle):
+    """The broker stops ~5 s mid-stream and restarts on the same port: the pipeline keeps running,
+    every beat of the song (those of the outage too) arrives in order after the reconnect, and
+    the final status is 'stopped'. (The 30 s version: bench/faults.py.)"""
+    _, pcm = song
+    work = tmp_path / "broker"
+    brokers = [Broker(work, devices=(DEV,), tls=False, websockets=False).start()]
+    port = brokers[0].port
+    sink = Sink(brokers[0])
+    pub = Publisher(DEV, "127.0.0.1", port, username=f"device-{DEV}", password=brokers[0].credentials[f"device-{DEV}"],
+                    reconnect_min_s=0.5, reconnect_max_s=1.0)
+    song9 = np.tile(pcm, 2)[:16000 * 9]
+    timers = [threading.Timer(1.5, lambda: brokers[0].stop()),
+              threading.Timer(6.5, lambda: brokers.append(
+                  Broker(work, devices=(DEV,), tls=False, websockets=False, port=port).start()))]
+    try:
+        with pub, FileSource("song", realtime=True, pcm=song9) as src:
+            assert pub.wait_connected(5)
+            for t in timers:
+                t.start()
+            stats = Pipeline(src, load_bundle(tiny_bundle), pub).run()
+            assert len(brokers) == 2 and pub.connected, "the device did not reconnect"
+        assert sink.wait_for(lambda: len(sink.of("beat")) == stats.beats and any(
+            d["state"] == "stopped" for d in sink.of("status")), timeout=10), (len(sink.of("beat")), stats.beats)
+    finally:
+        for t in timers:
+            t.cancel()
+        sink.close()
+        for b in brokers:
+            b.stop()
+    beats = sink.of("beat")
+    assert stats.beats >= 10 and [b["beat_index"] for b in beats] == list(range(stats.beats))
+    outage = [b for b in beats if 2.0 < b["t_audio"] < 6.0]
+    assert outage, "no beat fell in the outage window"
+    assert stats.frames == len(song9) // 640 and stats.dropped_frames == 0
+    assert pub.stats["disconnects"] >= 1 and pub.stats["connects"] >= 2

@@ -54,6 +54,13 @@ def test_train_resume_generate(fake_root, tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match="--resume"):
         train(cfg, run, progress=False)
 
+    # Re-finishing a run (new gain fit, metrics with the current features) keeps its training record.
+    from trainer.train import refinish
+
+    m3 = refinish(run)
+    assert m3["training"] == m2["training"] and "calibration" in m3
+    assert 1.0 <= m3["calibration"]["gain"] <= 3.0
+
     # The reports read the run folder.
     from trainer.experiments import write_report, write_training_report, _row
 

@@ -25,6 +25,8 @@ from trainer.model import N_POSE, ModelConfig, build_sequence_model, make_noise,
 
 log = logging.getLogger(__name__)
 
+JITTER_CAP = 1.4  # the calibrated gain may raise jitter to this many times ground truth's (target <= 1.5)
+
 
 def configure_threads(n: int) -> None:
     """TensorFlow on a small shared machine: n intra-op threads, one inter-op thread."""
@@ -410,6 +412,20 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, train_dances=None,
     if not (run / "model.weights.h5").exists():
         model.save_weights(str(run / "model.weights.h5"))
     model.load_weights(str(run / "model.weights.h5"))
+    secs = [h["seconds"] for h in history if h.get("steps")]
+    info = {"stop_reason": stop_reason, "epochs": state["epoch"], "best_epoch": state["best_epoch"],
+            "train_seconds": state["train_seconds"], "params": n_params,
+            "seconds_per_epoch": float(np.median(secs)) if secs else None,
+            "frames_per_epoch": int(sum(len(s.x) for s in train_seqs)),
+            "train_dances": len(train_seqs), "val_dances": len(val_seqs)}
+    metrics = finish(run, cfg, model, mcfg, train_seqs, val_dances, val_seqs, pose_mean, fcfg, history, info)
+    log.info("done (%s): best epoch %d, %.0f s", stop_reason, state["best_epoch"], state["train_seconds"])
+    return metrics
+
+
+def finish(run, cfg, model, mcfg, train_seqs, val_dances, val_seqs, pose_mean, fcfg, history, info) -> dict:
+    """After training (best weights loaded): calibrate the output gain on the training dances,
+    held-out metrics (metrics.json) and plots."""
     calibration = None
     if mcfg.kind == "ours" and mcfg.output_gain:
         calibration = calibrate_gain(model, mcfg, train_seqs, cfg)
@@ -420,34 +436,57 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, train_dances=None,
     metrics = final_metrics(model, mcfg, val_dances, val_seqs, train_seqs, pose_mean, fcfg, cfg.eval_baselines)
     if calibration is not None:
         metrics["calibration"] = calibration
-    secs = [h["seconds"] for h in history if h.get("steps")]
-    metrics["training"] = {"stop_reason": stop_reason, "epochs": state["epoch"], "best_epoch": state["best_epoch"],
-                           "train_seconds": state["train_seconds"], "params": n_params,
-                           "seconds_per_epoch": float(np.median(secs)) if secs else None,
-                           "frames_per_epoch": int(sum(len(s.x) for s in train_seqs)),
-                           "train_dances": len(train_seqs), "val_dances": len(val_seqs)}
+    metrics["training"] = info
+    try:
+        from trainer.dataset import feature_code_digest
+
+        metrics["feature_code_digest"] = feature_code_digest()
+    except (ImportError, AttributeError):
+        pass
     _save_json(run / "metrics.json", metrics)
     try:
         make_plots(run, history, model, mcfg, val_dances, val_seqs, fcfg, cfg.gif_frames)
     except Exception as e:  # plots are a convenience; never lose a trained run to them
         log.warning("plots failed: %s", e)
-    log.info("done (%s): best epoch %d, %.0f s", stop_reason, state["best_epoch"], state["train_seconds"])
     return metrics
 
 
+def refinish(run_dir) -> dict:
+    """Redo `finish` for a trained run folder with the current code and features: re-fit the
+    gain, recompute metrics.json and plots (the training info is kept)."""
+    from device.contract import FeatureConfig
+    from trainer.model import load_run
+
+    run = pathlib.Path(run_dir)
+    model, mcfg, fcfg, norm = load_run(run)
+    cfg = from_dict(json.loads((run / "train_config.json").read_text()), str(run / "train_config.json"))
+    train_dances, val_dances = load_data(cfg, fcfg, run)
+    train_seqs = [dance_to_seq(d) for d in train_dances]
+    val_seqs = [dance_to_seq(d) for d in val_dances]
+    history = json.loads((run / "history.json").read_text())
+    info = json.loads((run / "metrics.json").read_text())["training"]
+    return finish(run, cfg, model, mcfg, train_seqs, val_dances, val_seqs, np.asarray(norm["pose_mean"], np.float32),
+                  fcfg, history, info)
+
+
 def calibrate_gain(model, mcfg, train_seqs, cfg, max_dances: int = 10, max_frames: int = 1500) -> dict:
-    """Fit the output gain on TRAINING dances only: g = ground-truth joint-speed std / the
-    model's (free running, gain 1), clipped to [1, cfg.max_gain]."""
+    """Fit the output gain on TRAINING dances only: the gain that brings the model's joint-speed
+    std (free running, gain 1) to ground truth's, but no further than keeps its jitter within
+    JITTER_CAP x ground truth's (energy and jitter both scale with the gain); clipped to
+    [1, cfg.max_gain]."""
     set_gain(model, 1.0)
-    ratios = []
+    e_r, j_r = [], []
     for s in train_seqs[:: max(1, len(train_seqs) // max_dances)][:max_dances]:
         T = min(len(s.x), max_frames)
         pred = run_free(model, mcfg, s.x[:T])[:, :N_POSE]
-        ratios.append(quick_metrics(pred, s.pose[:T], s.pose.mean(0))["energy_ratio"])
-    e = float(np.median(ratios))
-    g = float(np.clip(1.0 / max(e, 1e-3), 1.0, cfg.max_gain))
-    log.info("output gain calibrated on %d training dances: energy ratio %.3f -> gain %.3f", len(ratios), e, g)
-    return {"gain": g, "train_energy_ratio_before": e, "dances": len(ratios)}
+        q = quick_metrics(pred, s.pose[:T], s.pose.mean(0))
+        e_r.append(q["energy_ratio"])
+        j_r.append(q["jitter_ratio"])
+    e, j = float(np.median(e_r)), float(np.median(j_r))
+    g = float(np.clip(min(1.0 / max(e, 1e-3), JITTER_CAP / max(j, 1e-3)), 1.0, cfg.max_gain))
+    log.info("output gain calibrated on %d training dances: energy ratio %.3f, jitter ratio %.3f -> gain %.3f",
+             len(e_r), e, j, g)
+    return {"gain": g, "train_energy_ratio_before": e, "train_jitter_ratio_before": j, "dances": len(e_r)}
 
 
 def _evaluate_module():
