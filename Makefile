@@ -1,6 +1,7 @@
 # edgedance: `make demo` runs the main job, `make test` the tests; both set up first.
 PY := .venv/bin/python
 EDGEDANCE_DATA ?=
+SOURCE ?= file
 export EDGEDANCE_DATA
 
 .PHONY: setup test test-fast bench demo clean
@@ -18,7 +19,7 @@ bench: setup
 	$(PY) -m bench.run
 
 demo: setup
-	$(PY) -m device demo
+	$(PY) -m device demo --source $(SOURCE)
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache

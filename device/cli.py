@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from device import pipeline, selftest
+from device import demo, pipeline, selftest
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,16 @@ COMMANDS: dict[str, tuple] = {
     "selftest": (selftest.add_selftest, selftest.cmd_selftest, "on-device checks, one PASS/FAIL line each; "
                  "non-zero exit on failure"),
     "devices": (pipeline.add_devices, pipeline.cmd_devices, "list the microphones PortAudio sees"),
+    "demo": (demo.add_demo_args, lambda args: _demo(args), "the whole system on this machine: broker, device, "
+             "simulated robot, live display; writes a GIF of the dance and the servo trace"),
 }
+
+
+def _demo(args) -> int:
+    try:
+        return demo.run_demo(args)
+    except RuntimeError as e:  # a missing bundle, a broker that will not start: say so, no traceback
+        raise CliError(str(e)) from e
 
 
 def build_parser() -> argparse.ArgumentParser:
