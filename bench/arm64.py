@@ -272,9 +272,30 @@ def copy_tree(repo: pathlib.Path, dest: pathlib.Path) -> int:
 # The probe: runs on both sides, as a plain script (imports the installed `device`)
 
 
+@contextlib.contextmanager
+def _builtin_kernels(model):
+    """LiteRT without its default delegate (XNNPACK) inside the block: the built-in kernels it
+    falls back to where XNNPACK cannot start (as under qemu)."""
+    from ai_edge_litert import interpreter as li
+    orig = model.make_interpreter
+
+    def make(model_path, num_threads: int = 1):
+        interp = li.Interpreter(model_path=str(model_path), num_threads=num_threads,
+                                experimental_op_resolver_type=li.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        interp.allocate_tensors()
+        return interp
+
+    model.make_interpreter = make
+    try:
+        yield
+    finally:
+        model.make_interpreter = orig
+
+
 def probe(out: pathlib.Path, wavs: list[str], bundle: str | None) -> dict:
     """For each song: its int16 PCM at 16 kHz, log-Mel and features (in-process and through the
-    CLI), saved under out/<song>/ and timed; poses of `bundle` from the first song's features."""
+    CLI), saved under out/<song>/ and timed; poses of `bundle` from the first song's features,
+    with LiteRT's default kernels (out/) and its built-in ones without XNNPACK (out/builtin/)."""
     import importlib.metadata as md
 
     from device import frontend, model
@@ -327,6 +348,11 @@ def probe(out: pathlib.Path, wavs: list[str], bundle: str | None) -> dict:
         res["quantize"] = b.quantize
         np.save(out / "poses.npy", poses)
         np.save(out / "headings.npy", heads)
+        with _builtin_kernels(model), b.stepper(num_threads=1, seed=0) as sm:
+            poses, heads = sm.run(first_x)
+        (out / "builtin").mkdir(exist_ok=True)
+        np.save(out / "builtin" / "poses.npy", poses)
+        np.save(out / "builtin" / "headings.npy", heads)
     (out / "probe.json").write_text(json.dumps(res, indent=1))
     return res
 
@@ -507,6 +533,8 @@ def run(args) -> tuple[str, bool]:
                                                            np.load(arm_out / stem / "log_mel.npy"))
                 cmp[(cpu, stem)] = c
             poses[cpu] = compare_poses(x86_out, arm_out)
+            poses[cpu]["builtin"] = compare_poses(x86_out / "builtin", arm_out / "builtin")
+            ok &= poses[cpu]["builtin"]["poses_identical"]  # same kernels: same integers on both
             first = cmp[(cpu, songs[0][:-4])]
             ok &= first["pcm_identical"] and first["log_mel_identical"] and first["features_identical"]
             ok &= first["sidecar_identical"] and parm[cpu]["machine"] == "aarch64"
@@ -598,9 +626,17 @@ def report(args, steps, px86, parm, cmp, poses, songs, debian, uname, bundle_not
         for c, s in cols) + " |")
     p0 = parm[cpus[0]]
     lines += ["", f"Poses of the same bundle ({p0.get('quantize')}, LiteRT, 1 thread, {p0.get('frames')} frames) from "
-              f"the `{songs[0]}` features, arm64 vs x86: " + "; ".join(
-                  f"{c}: identical {_yn(poses[c]['poses_identical'])}, max abs diff {_g(poses[c]['poses_max_abs_diff'])}"
-                  f", heading {_g(poses[c]['headings_max_abs_diff'])} rad" for c in cpus) + "."]
+              f"the `{songs[0]}` features (bit-identical inputs), arm64 vs x86:", "",
+              "| LiteRT kernels | " + " | ".join(f"arm64 {c} vs x86" for c in cpus) + " |",
+              "| --- | " + " | ".join("---" for _ in cpus) + " |"]
+    for name, get in (("default (XNNPACK on x86; " + ("XNNPACK" if parm[cpus[0]]["xnnpack"] else
+                                                     "built-in: XNNPACK does not start under qemu") + " on arm64)",
+                       lambda d: d),
+                      ("built-in on both (`BUILTIN_WITHOUT_DEFAULT_DELEGATES`)", lambda d: d["builtin"])):
+        lines.append(f"| {name} | " + " | ".join(
+            f"identical {_yn(get(poses[c])['poses_identical'])}, max abs pose diff "
+            f"{_g(get(poses[c])['poses_max_abs_diff'])}, heading {_g(get(poses[c])['headings_max_abs_diff'])} rad"
+            for c in cpus) + " |")
 
     s0 = songs[0][:-4]
     sec = p0["songs"][s0]["seconds_audio"]

@@ -54,8 +54,9 @@ def _row(name: str, r: dict) -> str:
                  f"dancing {_s(r['robot_moving_again_s'])} s after online")
     elif name == "stalled":
         rss0, peak = r["broker_rss_kb"]
-        rec = (f"others: p50/p99 {r['latency_ms_during'][0]:.1f}/{r['latency_ms_during'][1]:.0f} ms "
-               f"(before {r['latency_ms_before'][0]:.1f}/{r['latency_ms_before'][1]:.0f}); broker RSS "
+        b, st, fl_ = r["latency_ms_before"], r["latency_ms_stalled"], r["latency_ms_flood"]
+        rec = (f"the others' delivery p50/p99: {b[0]:.1f}/{b[1]:.0f} ms before, {st[0]:.1f}/{st[1]:.0f} ms with the "
+               f"stalled client, {fl_[0]:.1f}/{fl_[1]:.0f} ms during the flood (CPU-bound here); broker RSS "
                f"{rss0 / 1024:.1f} → {peak / 1024:.1f} MB")
         robot = "kept following" if r["robot_alive"] else "STOPPED"
     else:

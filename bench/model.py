@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
+import os
 import pathlib
 import sys
 import tempfile
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> str:
         "",
         f"`{cmd.strip()}` on {datetime.date.today().isoformat()}; model `{args.run}` ({m.layers} x {m.units} "
         f"encoder, decoder {m.dec_units}, lookback {m.lookback}, {F} features), LiteRT, 1 thread, per pose frame "
-        "(state handling and (de)quantization included for the steps).",
+        "(state handling and (de)quantization included for the steps); "
+        f"{os.cpu_count()} cores shared with other jobs, load average {os.getloadavg()[0]:.1f}.",
         "",
         "| variant | median | p99 | model file | per frame vs int8 step |",
         "| --- | --- | --- | --- | --- |",

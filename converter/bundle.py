@@ -33,6 +33,13 @@ def _tensor_entries(interp_details: dict, roles: dict[str, str], names: dict[str
     return out
 
 
+def _feature_names(fcfg, n: int):
+    from device import features
+
+    names = list(features.feature_names(fcfg))
+    return names if len(names) == n else None
+
+
 def build_manifest(blob_path: pathlib.Path, models: cv.KerasModels, mode: str, *, training: dict | None = None,
                    metrics: dict | None = None) -> dict:
     sig = models.signature
@@ -58,7 +65,7 @@ def build_manifest(blob_path: pathlib.Path, models: cv.KerasModels, mode: str, *
         "feature_config": fcfg.to_dict(),
         "feature_hash": fcfg.config_hash(),
         "n_features": sig.n_features,
-        "feature_names": models.normalization.get("feature_names"),
+        "feature_names": _feature_names(fcfg, sig.n_features),
         "frame_rate_hz": fcfg.pose_fps,
         "lookback": int(models.mcfg.lookback),
         "keypoints": list(KEYPOINTS),

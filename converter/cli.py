@@ -10,11 +10,10 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import pathlib
 import sys
 import tempfile
-
-import numpy as np
 
 from converter import convert as cv
 
@@ -30,7 +29,7 @@ def _prepare(args):
     cv.quiet_tensorflow()
     models = cv.from_run(args.run)
     train, val = validate.load_split(args.run, args.data, args.cache)
-    x = val[0].features.x[: args.check_frames]
+    x = val[0].features.x[: args.check_frames or None]
     diff = cv.check_equivalence(models, x)
     print(f"step == sequence (float) over {len(x)} frames of {val[0].name}: max abs diff {diff:.2e} "
           f"(limit {cv.EQUIVALENCE_TOL:g})")
@@ -125,7 +124,9 @@ def report_markdown(args, models, val, kf, rows, details, diff, n_samples) -> st
         f"(kind {m.kind}, {m.layers} x {m.units} encoder, decoder {m.dec_units}, lookback {m.lookback}), "
         f"{len(val)} held-out songs ({sum(d.n_frames for d in val)} frames: {', '.join(d.name for d in val)}), "
         f"{n_samples} calibration samples from the training songs. Step == sequence in float: max abs diff "
-        f"{diff:.1e}. Keras float on the same songs: pose MSE {kf['mean']['mse']:.5f}, BAS {kf['mean']['bas']:.4f}.",
+        f"{diff:.1e}. Keras float on the same songs: pose MSE {kf['mean']['mse']:.5f}, BAS {kf['mean']['bas']:.4f}. "
+        f"Latency: `StreamingModel.step`, LiteRT, 1 thread, {os.cpu_count()} cores shared with other jobs "
+        f"(load average {os.getloadavg()[0]:.1f} at the end): the p99 column mostly measures that load.",
         "",
         validate.markdown_table(rows),
         "",
@@ -174,8 +175,8 @@ def _common(p):
     p.add_argument("--data", default=None, help="Music-to-Dance folder (default: the run's data_root, "
                                                 "else EDGEDANCE_DATA)")
     p.add_argument("--cache", default=None, help="feature cache folder (default: the run's cache_dir)")
-    p.add_argument("--check-frames", type=int, default=1500,
-                   help="frames of a held-out song for the step == sequence check (default 1500 = 60 s)")
+    p.add_argument("--check-frames", type=int, default=0,
+                   help="frames of the first held-out song for the step == sequence check (default 0: all)")
     p.add_argument("--samples", type=int, default=500, help="calibration samples for int8/int16x8 (default 500)")
     p.add_argument("--calib-frames", type=int, default=600,
                    help="frames per training song the calibration run steps through (default 600)")

@@ -339,9 +339,10 @@ class StreamingModel:
         self._x_idx = in_idx[fx.key]
         self._x_dtype = np.dtype(fx.dtype)
         # Normalisation is folded into the model; quantization q = x / scale + zp = x * a + b
-        # (a = 127, b = 0 for the int8 bundles: the features' own fixed [-1, 1] map).
-        self._xa = np.full(F, 1.0 / fx.scale if fx.scale else 1.0, np.float32)  # (F,)
-        self._xb = np.full(F, fx.zero_point if fx.scale else 0.0, np.float32)  # (F,)
+        # (a = 127, b = 0 for an int8 input pinned to the features' own [-1, 1] map).
+        self._xa = np.float32(1.0 / fx.scale if fx.scale else 1.0)
+        self._xb = np.float32(fx.zero_point if fx.scale else 0.0)
+        self._x_quantized = bool(fx.scale)
         self._x_lo, self._x_hi = _qrange(self._x_dtype) if fx.scale else (-np.inf, np.inf)
         self._x_tmp = np.zeros(F, np.float32)
         self._x_in = np.zeros((1, F), self._x_dtype)
@@ -354,27 +355,35 @@ class StreamingModel:
         self._rng = np.random.default_rng(seed)
         self._seed = seed
 
-        # States: the input buffer fed each frame and how the output gets back into it: a copy
-        # when both carry the same quantization (the converter ties them where it can), else a
-        # lookup table over every integer value: real = (q_out - zo) * s_out = (q_in - zi) * s_in.
-        self._states = []
+        # States: the value fed in next frame is the array the model returned this frame, as
+        # it is when input and output carry the same quantization (the converter ties them
+        # where it can), else mapped through a table over every integer value:
+        # real = (q_out - zo) * s_out = (q_in - zi) * s_in.
+        self._state_in, self._state_out, self._state_lut, self._state_init = [], [], [], []
         for a, b in bundle.states:
             ti, to = ins[a], outs[b]
-            buf = np.zeros(ti.shape, np.dtype(ti.dtype))
+            dtype = np.dtype(ti.dtype)
             lut = None
             if ti.scale and (ti.scale != to.scale or ti.zero_point != to.zero_point):
-                info = np.iinfo(buf.dtype)
+                info = np.iinfo(dtype)
                 q = np.arange(info.min, info.max + 1, dtype=np.float64)
                 lut = np.clip(np.rint((q - to.zero_point) * (to.scale / ti.scale)) + ti.zero_point,
-                              info.min, info.max).astype(buf.dtype)
-                lut = np.roll(lut, info.min)  # index by the unsigned view of q_out
-            self._states.append((in_idx[ti.key], out_idx[to.key], buf, lut,
-                                 np.dtype(f"uint{8 * buf.itemsize}") if lut is not None else None, ti))
+                              info.min, info.max).astype(dtype)
+                lut = (np.roll(lut, info.min), np.dtype(f"uint{8 * dtype.itemsize}"))  # index: unsigned view
+            self._state_in.append(in_idx[ti.key])
+            self._state_out.append(out_idx[to.key])
+            self._state_lut.append(lut)
+            self._state_init.append(np.full(ti.shape, ti.zero_point if ti.scale else 0, dtype))  # real value 0
+        self._state_vals = list(self._state_init)
+        self._state_io = list(zip(self._state_in, self._state_out, self._state_lut))
         tp = next(t for t in outs.values() if t.role == "pose")
         th = next(t for t in outs.values() if t.role == "heading")
-        self._pose_idx, self._pose_q = out_idx[tp.key], (tp.scale or 1.0, tp.zero_point if tp.scale else 0)
-        self._head_idx, self._head_q = out_idx[th.key], (th.scale or 1.0, th.zero_point if th.scale else 0)
+        self._pose_idx, self._head_idx = out_idx[tp.key], out_idx[th.key]
+        # real = (q - zp) * scale = q * scale - zp * scale
+        self._pose_s, self._pose_off = np.float32(tp.scale or 1.0), np.float32((tp.zero_point if tp.scale else 0) * (tp.scale or 1.0))
+        self._head_s, self._head_zp = float(th.scale or 1.0), float(th.zero_point if th.scale else 0)
         self._pose = np.zeros((N_KEYPOINTS, 2), np.float32)
+        self._pose_flat = self._pose.reshape(-1)
         self.reset()
 
     def __enter__(self):
@@ -388,8 +397,7 @@ class StreamingModel:
 
     def reset(self):
         """Start of a new stream: all-zero states (the model's start), heading 0."""
-        for _i, _o, buf, _lut, _u, ti in self._states:
-            buf.fill(ti.zero_point if ti.scale else 0)  # real value 0
+        self._state_vals = [v.copy() for v in self._state_init]
         self.heading = 0.0
         self._rng = np.random.default_rng(self._seed)
         if self._noise is not None:
@@ -406,9 +414,12 @@ class StreamingModel:
         """x (F,) float32 features of one pose frame -> (pose (14, 2) float32, heading radians)."""
         interp = self._interp
         tmp = self._x_tmp
+        if np.shape(x) != tmp.shape:
+            raise ValueError(f"StreamingModel.step: features of shape {np.shape(x)}, the bundle "
+                             f"{self.bundle.path} takes {tmp.shape} (device.features for its feature config)")
         np.multiply(x, self._xa, out=tmp)
-        np.add(tmp, self._xb, out=tmp)
-        if self._x_dtype != np.float32:
+        if self._x_quantized:
+            tmp += self._xb
             np.rint(tmp, out=tmp)
             np.clip(tmp, self._x_lo, self._x_hi, out=tmp)
         self._x_in[0] = tmp
@@ -420,21 +431,18 @@ class StreamingModel:
             z += math.sqrt(1 - rho * rho) * self._rng.standard_normal(z.shape)
             self._quantize_into(z.reshape(t.shape), q, t)
             interp.set_tensor(idx, q)
-        for i_idx, _o, buf, *_ in self._states:
-            interp.set_tensor(i_idx, buf)
+        vals = self._state_vals
+        for i, (i_idx, _o, _l) in enumerate(self._state_io):
+            interp.set_tensor(i_idx, vals[i])
         interp.invoke()
-        for _i, o_idx, buf, lut, udtype, _t in self._states:
-            out = interp.get_tensor(o_idx)
-            if lut is None:
-                buf[...] = out
-            else:
-                np.take(lut, out.view(udtype), out=buf)
-        s, z = self._pose_q
-        p = interp.get_tensor(self._pose_idx).reshape(N_KEYPOINTS, 2)
-        np.multiply(np.subtract(p, z, dtype=np.float32), s, out=self._pose)
-        np.clip(self._pose, -1.0, 1.0, out=self._pose)
-        s, z = self._head_q
-        dh = (float(interp.get_tensor(self._head_idx).reshape(())) - z) * s
+        for i, (_i, o_idx, lut) in enumerate(self._state_io):
+            out = interp.get_tensor(o_idx)  # a copy: ours to keep until the next frame
+            vals[i] = out if lut is None else lut[0][out.view(lut[1])]
+        pose = self._pose_flat
+        np.multiply(interp.get_tensor(self._pose_idx)[0], self._pose_s, out=pose)
+        pose -= self._pose_off
+        np.clip(pose, -1.0, 1.0, out=pose)
+        dh = (float(interp.get_tensor(self._head_idx)[0, 0]) - self._head_zp) * self._head_s
         self.heading = (self.heading + dh + math.pi) % (2 * math.pi) - math.pi
         return self._pose.copy(), self.heading
 

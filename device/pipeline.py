@@ -87,10 +87,15 @@ class RunStats:
 
 
 class _Ring:
-    """Chunks between the capture thread and the processing loop; bounded in samples, drops the oldest."""
+    """Chunks between the capture thread and the processing loop, bounded in samples.
 
-    def __init__(self, max_samples: int):
+    A live source (microphone, real-time file, stdin) cannot wait: the oldest audio is
+    dropped and counted. A file read as fast as possible (`block=True`) waits instead,
+    so every sample is processed."""
+
+    def __init__(self, max_samples: int, block: bool = False):
         self.max_samples = max_samples
+        self.block = block
         self._q: collections.deque = collections.deque()
         self._n = 0
         self.dropped_samples = 0
@@ -99,6 +104,8 @@ class _Ring:
 
     def put(self, chunk):
         with self._cv:
+            while self.block and self._q and self._n + len(chunk.pcm) > self.max_samples and not self.closed:
+                self._cv.wait(0.2)
             self._q.append(chunk)
             self._n += len(chunk.pcm)
             while self._n > self.max_samples and len(self._q) > 1:
@@ -115,6 +122,7 @@ class _Ring:
                 return None
             c = self._q.popleft()
             self._n -= len(c.pcm)
+            self._cv.notify_all()  # a blocked put may go on
             return c
 
     def close(self):
@@ -143,7 +151,8 @@ class Pipeline:
         self.state = "paused" if start_paused else "online"
         self.spf = cfg.samples_per_pose_frame  # 640
         self.fps = float(cfg.pose_fps)
-        self._ring = _Ring(max(self.spf, int(ring_s * cfg.sample_rate_hz)))
+        self._ring = _Ring(max(self.spf, int(ring_s * cfg.sample_rate_hz)),
+                           block=getattr(source, "realtime", True) is False)
         self._stop = threading.Event()
         self._commands: queue.Queue = queue.Queue()
         self._capture_error: BaseException | None = None
@@ -478,9 +487,12 @@ def cmd_run(args) -> int:
         raise CliError(str(e)) from e
     summ = stats.summary()
     log.info("run ended: %s", summ)
-    print(f"frames {summ['frames']}, audio {summ['audio_s']:.1f} s, latency p50 {summ['latency_ms_p50']} ms "
-          f"p99 {summ['latency_ms_p99']} ms, CPU {summ['cpu_ms_per_audio_s_total']:.2f} ms per s of audio, "
-          f"dropped frames {summ['dropped_frames']}", file=sys.stderr)
+    try:  # a full disk behind stderr (the journal, a log file) must not turn a clean run into a failure
+        print(f"frames {summ['frames']}, audio {summ['audio_s']:.1f} s, latency p50 {summ['latency_ms_p50']} ms "
+              f"p99 {summ['latency_ms_p99']} ms, CPU {summ['cpu_ms_per_audio_s_total']:.2f} ms per s of audio, "
+              f"dropped frames {summ['dropped_frames']}", file=sys.stderr, flush=True)
+    except OSError:
+        pass
     return 1 if stats.error else 0
 
 

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 QOS = {"pose": 0, "beat": 1, "status": 1, "metrics": 0, "cmd": 1}
 UNSUPPORTED_PROTOCOL = (1, 132)  # CONNACK: 3.1.1 "unacceptable protocol version", 5 "unsupported protocol version"
+FLUSH_DELAY_S = 0.1  # after a CONNACK, paho re-sends in-flight QoS 1 messages first; the outbox follows
 
 
 class PublishError(RuntimeError):
@@ -179,12 +180,28 @@ class Publisher:
         client.subscribe(self.topics["cmd"], qos=1)
         with contextlib.suppress(OSError, AttributeError):
             client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with self._lock:
-            self._flush(client)
-            self._online = True
+        # Paho re-sends the QoS 1 messages that were in flight when the link died right AFTER
+        # this callback returns; flushing the outbox here would put newer beats ahead of them.
+        # So the outbox is flushed a moment later from a timer, and until then new messages
+        # keep going into the outbox: every receiver sees one ordered stream.
+        if self.stats["connects"] == 0:  # the first connection: nothing in flight to re-send
+            with self._lock:
+                self._flush(client)
+                self._online = True
+        else:
+            t = threading.Timer(FLUSH_DELAY_S, self._flush_when_ready, args=(client,))
+            t.daemon = True
+            t.start()
         self.stats["connects"] += 1
         self._connected_evt.set()
         log.info("MQTT connected to %s:%d (MQTT %s)", self.host, self.port, self.protocol_version)
+
+    def _flush_when_ready(self, client):
+        with self._lock:
+            if self._client is not client or not client.is_connected():
+                return  # lost again (or replaced): the next connect flushes
+            self._flush(client)
+            self._online = True
 
     def _fall_back(self):
         old = self._client

@@ -816,16 +816,28 @@ def scenario_partition(workdir, song, bundle, seconds: float, keepalive_s: int, 
 
 
 def scenario_stalled_subscriber(workdir, song, bundle, seconds: float, flood: int = 20000) -> dict:
-    """A subscriber to everything stops reading; a second device floods `flood` 1 kB QoS 1 messages too."""
+    """A subscriber to everything stops reading. Phase 1 (`seconds`): only that. Phase 2: a second device
+    also sends `flood` 1 kB QoS 1 messages, which pile up for the stalled client (broker memory)."""
     workdir = pathlib.Path(workdir)
     import numpy as np
+
+    def latency(since, until=float("inf")):
+        lat = [1000 * (r.t - r.msg["t_capture"]) for r in sc.recorder.snapshot("pose", since) if r.msg and r.t < until]
+        return (float(np.median(lat)), float(np.percentile(lat, 99)), len(lat)) if lat else (None, None, 0)
+
     with Scene(workdir) as sc, DeviceProcess(sc.device_argv(song, bundle), workdir / "device.log") as dev:
         sc.wait_dancing(seconds=2)
-        base = [r.t - r.msg["t_capture"] for r in sc.recorder.snapshot("pose") if r.msg]
+        t_base = time.time()
+        time.sleep(seconds / 2)
+        base = latency(t_base)
         rss0 = process_rss_kb(sc.broker.pid)
         b = sc.broker
         with StalledSubscriber(b.host, b.port, "robot", b.credentials["robot"], "edgedance/v1/#", 1):
             t0 = time.time()
+            time.sleep(seconds)
+            stalled = latency(t0)
+            ticks, frames = sc.robot.ticks, sc.robot.controller.frames
+            t1 = time.time()
             pi2 = b.client("device-pi2")
             payload = b"x" * 1000
             for i in range(flood):
@@ -833,26 +845,22 @@ def scenario_stalled_subscriber(workdir, song, bundle, seconds: float, flood: in
                 if i % 500 == 0:
                     time.sleep(0.01)
             rss_peak = rss0
-            while time.time() < t0 + seconds:
+            while time.time() < t1 + seconds:
                 rss_peak = max(rss_peak, process_rss_kb(b.pid))
                 time.sleep(0.2)
-            during = [r.t - r.msg["t_capture"] for r in sc.recorder.snapshot("pose", t0) if r.msg]
-            ticks = sc.robot.ticks
-            alive = sc.robot.controller.frames
-            time.sleep(0.5)
-            robot_alive = sc.robot.ticks > ticks and sc.robot.controller.frames > alive
+            flooded = latency(t1)
+            robot_alive = sc.robot.ticks > ticks and sc.robot.controller.frames > frames
             pi2.disconnect()
             pi2.loop_stop()
         rc = dev.stop()
         time.sleep(0.3)
         items = sc.recorder.snapshot()
         log_text = b.log_file.read_text(errors="replace")
-        out = {"fault": f"a subscriber stops reading ({flood} x 1 kB QoS 1 flood beside the device)",
+        out = {"fault": f"a subscriber stops reading (then {flood} x 1 kB QoS 1 more for it from a second device)",
                "broker_rss_kb": (rss0, rss_peak), "returncode": rc, "device_log": dev.log_text(),
-               "latency_ms_before": (float(np.median(base) * 1000), float(np.percentile(base, 99) * 1000)),
-               "latency_ms_during": (float(np.median(during) * 1000), float(np.percentile(during, 99) * 1000)),
-               "poses_during": len(during), "seconds": seconds, "robot_alive": robot_alive,
-               "broker_dropped_note": "dropped" in log_text.lower(), **_losses(items)}
+               "latency_ms_before": base[:2], "latency_ms_stalled": stalled[:2], "latency_ms_flood": flooded[:2],
+               "poses_stalled": stalled[2], "poses_flood": flooded[2], "seconds": seconds,
+               "robot_alive": robot_alive, "broker_dropped_note": "dropped" in log_text.lower(), **_losses(items)}
     return out
 
 

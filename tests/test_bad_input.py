@@ -400,9 +400,6 @@ def test_silence_clipping_and_dc_through_the_live_device(broker, tiny_bundle, tm
     assert [p.msg["seq"] for p in poses] == list(range(want))
 
 
-@pytest.mark.xfail(strict=True, reason="device/pipeline.py _Ring: with audio.realtime = false the file source "
-                   "outruns the model and the ring (audio.ring_s, 2 s) throws the surplus away: `run` on a 6 s file "
-                   "processes about 2 s of it. A non-real-time source should block the capture thread instead.")
 def test_as_fast_as_possible_run_processes_the_whole_file(tiny_bundle, tmp_path):
     sf.write(tmp_path / "six.wav", tone(6.0), SR, subtype="PCM_16")
     r = run_cli("run", "--file", str(tmp_path / "six.wav"), "--model", str(tiny_bundle), "--set", "mqtt.enabled=false",

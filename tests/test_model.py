@@ -7,7 +7,8 @@ import pytest
 pytest.importorskip("tensorflow")
 
 from trainer.model import (N_OUT, N_POSE, ModelConfig, build_sequence_model, build_step_model, copy_weights,
-                           make_noise, run_free, run_step_model, set_gain, set_normalization, step_state_specs)
+                           make_noise, run_free, run_step_model, set_gain, set_normalization, set_smoothing,
+                           smooth_np, step_state_specs)
 
 pytestmark = pytest.mark.train
 F = 9
@@ -29,6 +30,8 @@ def test_step_model_matches_sequence_model_free_running(mcfg):
     seq = _model(mcfg)
     if mcfg.output_gain:
         set_gain(seq, 1.7)
+    if mcfg.smooth:
+        set_smoothing(seq, 0.6)
     step = build_step_model(mcfg, F)
     assert copy_weights(seq, step) >= mcfg.layers + 2
     rng = np.random.default_rng(1)
@@ -40,6 +43,18 @@ def test_step_model_matches_sequence_model_free_running(mcfg):
     assert np.abs(a - b).max() <= 1e-4
     assert np.abs(a[:, :N_POSE]).max() <= 1.0
     assert np.std(a[:, :N_POSE], axis=0).mean() > 0  # not constant: the weights really arrived
+
+
+def test_output_smoothing_matches_numpy_and_cuts_jerk():
+    mcfg = ModelConfig(layers=1, units=8, lookback=3, dec_units=8, output_gain=False)
+    seq = _model(mcfg)
+    x = np.random.default_rng(4).normal(size=(60, F)).astype(np.float32)
+    raw = run_free(seq, mcfg, x)[:, :N_POSE]
+    set_smoothing(seq, 0.4)
+    sm = run_free(seq, mcfg, x)[:, :N_POSE]
+    mean = seq.get_layer("pose_smooth").get_weights()[0]
+    assert np.abs(sm - smooth_np(raw, mean, 0.4)).max() < 1e-5
+    assert np.abs(np.diff(sm, 3, axis=0)).mean() < np.abs(np.diff(raw, 3, axis=0)).mean()
 
 
 def test_step_model_states_and_plain_ops():

@@ -131,8 +131,17 @@ def test_commands_pause_stop_start_latency_and_a_bad_bundle(broker, song, tiny_b
 
 def test_slow_processing_counts_dropped_frames(song, tiny_bundle):
     _, pcm = song
+    class FastLive:  # a live source (it cannot wait: the ring drops) that delivers faster than real time
+        realtime = True
+
+        def __init__(self, src):
+            self.src = src
+
+        def __iter__(self):
+            return iter(self.src)
+
     with FileSource("song", realtime=False, pcm=pcm) as src:
-        pipe = Pipeline(src, load_bundle(tiny_bundle), None, ring_s=0.2,
+        pipe = Pipeline(FastLive(src), load_bundle(tiny_bundle), None, ring_s=0.2,
                         on_frame=lambda *a: time.sleep(0.01))  # 4x slower than the fast source
         st = pipe.run()
     T = len(pcm) // 640

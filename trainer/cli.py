@@ -64,7 +64,8 @@ def training_report(args) -> None:
     base = pathlib.Path(args.out) / "baselines"
     cmd = " ".join(["python -m trainer"] + sys.argv[1:]) if sys.argv and "trainer" in sys.argv[0] else \
         f"python -m trainer experiments --suite baselines --training-run {run}"
-    write_training_report(run, {k.upper(): base / k for k in BASELINES_SUITE}, args.training_doc, cmd, tempo)
+    notes = pathlib.Path(args.notes).read_text() if args.notes else ""
+    write_training_report(run, {k.upper(): base / k for k in BASELINES_SUITE}, args.training_doc, cmd, tempo, notes)
     print(f"{args.training_doc}: written")
 
 
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--config", action="append", help="base config override file for every run (repeatable)")
     e.add_argument("--training-run", help="also write the training report of this run (with the baselines suite)")
     e.add_argument("--training-doc", default="docs/results/training.md", help="where --training-run writes")
+    e.add_argument("--notes", help="markdown file appended to the training report (findings, lever probes)")
     e.add_argument("--tempo-dances", type=int, default=3, help="held-out dances for the tempo response (0 = skip)")
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help="base config override for every run")
     return p

@@ -43,8 +43,10 @@ class TrainConfig:
     """Feed the normalised music features straight to the decoder too (beat/bar phase)."""
     output_gain: bool = True
     """Calibrated output gain about the mean pose (fitted on training dances after training)."""
-    max_gain: float = 3.0
+    max_gain: float = 4.0
     """Upper bound of that gain."""
+    smooth: bool = True
+    """Causal one-pole low-pass on the output pose, its coefficient fitted with the gain."""
     noise_dims: int = 0
     """Slowly varying noise input size (0 = none)."""
     noise_smooth_frames: float = 25.0

@@ -51,12 +51,15 @@ COLUMNS = [("mse", "MSE"), ("mse_meanpose", "MSE mean pose"), ("energy_ratio", "
            ("jitter_ratio", "jitter"), ("period_match", "period match"), ("bas", "BAS")]
 
 
-def _row(name: str, run: pathlib.Path) -> dict | None:
+def _row(name: str, run: pathlib.Path, as_trained: bool = True) -> dict | None:
     f = run / "metrics.json"
     if not f.exists():
         return None
     m = json.loads(f.read_text())
     vm = dict(m["val_mean"])
+    if as_trained and m.get("calibration"):  # compare models as trained: before the output gain/smoothing fitted after training
+        vm.update({k: v for k, v in m["calibration"]["val_uncalibrated"].items()
+                   if k in ("mse", "energy_ratio", "jitter_ratio")})
     ev = m.get("evaluate_mean", {})
     for k in ("period_match", "period_match_gt", "bas", "bas_gt", "diversity", "diversity_gt"):
         if k in ev:
@@ -222,7 +225,9 @@ def write_training_report(default_run, baseline_runs: dict, doc, command: str, t
     default_run = pathlib.Path(default_run)
     m = json.loads((default_run / "metrics.json").read_text())
     tr = m["training"]
-    rows = {"ours (shipped)": _row("ours", default_run)}
+    rows = {"ours (shipped: fitted low-pass + gain)": _row("ours", default_run, as_trained=False)}
+    if m.get("calibration"):
+        rows["ours as trained (no low-pass, gain 1)"] = _row("ours", default_run)
     for name, run in baseline_runs.items():
         r = _row(name, pathlib.Path(run))
         if r is not None:
@@ -288,3 +293,29 @@ def write_training_report(default_run, baseline_runs: dict, doc, command: str, t
         if (default_run / "plots" / src).exists():
             shutil.copy(default_run / "plots" / src, doc.parent / dst)
     doc.write_text("\n".join(lines) + "\n")
+
+
+def levers_table(runs: dict[str, tuple[str, str]]) -> str:
+    """Markdown table of lever probes: label -> (run folder, what changed). Shows the held-out
+    numbers before the output gain (the lever itself) and, where fitted, after it."""
+    lines = ["| probe | what changed | MSE (mean pose) | energy | jitter | diversity / GT | period match (GT) | gain -> energy, jitter |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, (run, what) in runs.items():
+        run = pathlib.Path(run)
+        if not (run / "metrics.json").exists():
+            lines.append(f"| {label} | {what} | not finished | | | | | |")
+            continue
+        m = json.loads((run / "metrics.json").read_text())
+        ev, vm = m.get("evaluate_mean", {}), m["val_mean"]
+        cal = m.get("calibration")
+        if cal:  # metrics are after the gain; the lever's own numbers are the uncalibrated ones
+            un = cal["val_uncalibrated"]
+            mse, e, j = un["mse"], un["energy_ratio"], un["jitter_ratio"]
+            after = f"{cal['gain']:.2f} -> {vm['energy_ratio']:.2f}, {vm['jitter_ratio']:.2f}"
+        else:
+            mse, e, j = vm["mse"], vm["energy_ratio"], vm["jitter_ratio"]
+            after = "-"
+        div = ev.get("diversity", float("nan")) / ev.get("diversity_gt", float("nan")) if ev else float("nan")
+        lines.append(f"| {label} | {what} | {mse:.4f} ({vm['mse_meanpose']:.4f}) | {e:.2f} | {j:.2f} | {div:.2f} | "
+                     f"{ev.get('period_match', float('nan')):.2f} ({ev.get('period_match_gt', float('nan')):.2f}) | {after} |")
+    return "\n".join(lines)

@@ -58,6 +58,10 @@ class ModelConfig:
     """ours: a calibrated gain on the pose's deviation from the mean pose, applied after the
     feedback loop (pose = mean + g * (pose - mean), clipped to [-1, 1]); g is fitted after
     training so the motion energy on the TRAINING dances matches theirs (g = 1 until then)."""
+    smooth: bool = True
+    """ours: a causal one-pole low-pass on the output pose, after the feedback loop and before
+    the gain: s_t = s_{t-1} + alpha * (pose_t - mean - s_{t-1}); alpha is fitted with the gain
+    after training (alpha = 1, i.e. off, until then). One more state: smooth_pose (28,)."""
     noise_dims: int = 0
     """ours: size of a slowly varying random input vector (0 = deterministic model)."""
     dropout: float = 0.1
@@ -246,6 +250,30 @@ def _gain_layer():
     return PoseGain
 
 
+def _smooth_cell():
+    keras = _keras()
+    from keras import layers, ops
+
+    @keras.saving.register_keras_serializable("edgedance")
+    class SmoothCell(layers.Layer):
+        """One step of the output low-pass. Input (B, 29): pose then heading change; state: the
+        smoothed pose minus the mean pose (zero = the mean pose). The heading passes through."""
+
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.mean = self.add_weight(shape=(N_POSE,), initializer="zeros", trainable=False, name="mean")
+            self.alpha = self.add_weight(shape=(1,), initializer="ones", trainable=False, name="alpha")
+            self.state_size = [N_POSE]
+            self.output_size = N_OUT
+
+        def call(self, inputs, states, training=False):
+            s = states[0] if isinstance(states, (list, tuple)) else states
+            s2 = s + self.alpha * (inputs[:, :N_POSE] - self.mean - s)
+            return ops.concatenate([self.mean + s2, inputs[:, N_POSE:]], axis=-1), [s2]
+
+    return SmoothCell
+
+
 def _band_mask_layer():
     keras = _keras()
     from keras import layers, ops
@@ -315,6 +343,8 @@ def build_sequence_model(mcfg: ModelConfig, n_features: int):
         cell = DecoderCell(mcfg.dec_units, music_dims, feedback=mcfg.feedback, noise_dims=mcfg.noise_dims,
                            dropout=mcfg.dropout, name="decoder_cell")
         out = layers.RNN(cell, return_sequences=True, name="decoder")(dec_in)
+        if mcfg.smooth:
+            out = layers.RNN(_smooth_cell()(name="pose_smooth_cell"), return_sequences=True, name="pose_smooth")(out)
         if mcfg.output_gain:
             out = _gain_layer()(name="pose_gain")(out)
     elif mcfg.kind == "cnn":
@@ -388,6 +418,8 @@ def step_state_specs(mcfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     if mcfg.attention:
         specs.append(("att_buf", (mcfg.lookback, mcfg.units)))
     specs += [("dec_h", (mcfg.dec_units,)), ("dec_c", (mcfg.dec_units,)), ("prev_pose", (N_POSE,))]
+    if mcfg.smooth:
+        specs.append(("smooth_pose", (N_POSE,)))
     return specs
 
 
@@ -426,6 +458,9 @@ def build_step_model(mcfg: ModelConfig, n_features: int):
     cell = DecoderCell(mcfg.dec_units, music_dims, feedback=mcfg.feedback, noise_dims=mcfg.noise_dims,
                        free_running=True, name="decoder")
     y, (dh_, dc_, own) = cell(dec_in, [inputs["dec_h"], inputs["dec_c"], inputs["prev_pose"]])
+    if mcfg.smooth:
+        y, (sm,) = _smooth_cell()(name="pose_smooth")(y, [inputs["smooth_pose"]])
+        outputs["smooth_pose_out"] = sm
     pose = y[:, :N_POSE]
     if mcfg.output_gain:
         pose = _gain_layer()(name="pose_gain")(pose)
@@ -436,9 +471,10 @@ def build_step_model(mcfg: ModelConfig, n_features: int):
     return keras.Model(inputs, outputs, name="edgedance_step")
 
 
-def copy_weights(src, dst) -> int:
+def copy_weights(src, dst, strict: bool = True) -> int:
     """Copy weights layer by layer, matched by name (the RNN 'decoder' of the sequence model
-    and the 'decoder' cell of the step model hold the same weights). Returns layers copied."""
+    and the 'decoder' cell of the step model hold the same weights). Returns layers copied.
+    strict=False leaves layers without a namesake as they are (upgrading an older run)."""
     n = 0
     src_by_name = {l.name: l for l in src.layers}
     for layer in dst.layers:
@@ -446,6 +482,8 @@ def copy_weights(src, dst) -> int:
         if not w:
             continue
         s = src_by_name.get(layer.name)
+        if s is None and not strict:
+            continue
         if s is None:
             raise ValueError(f"copy_weights: layer {layer.name!r} of {dst.name} has no namesake in {src.name}")
         layer.set_weights(s.get_weights())
@@ -462,6 +500,9 @@ def set_normalization(model, feat_mean, feat_std, pose_mean=None) -> None:
         if "pose_gain" in names:
             g = model.get_layer("pose_gain")
             g.set_weights([np.asarray(pose_mean, np.float32).reshape(N_POSE), g.get_weights()[1]])
+        if "pose_smooth" in names:
+            sm = model.get_layer("pose_smooth")
+            sm.set_weights([np.asarray(pose_mean, np.float32).reshape(N_POSE), sm.get_weights()[1]])
         dec = model.get_layer("decoder") if "decoder" in names else None
         if dec is not None:
             w = dec.get_weights()
@@ -476,6 +517,23 @@ def set_gain(model, gain: float) -> None:
     """Set the calibrated output gain of a model that has a 'pose_gain' layer."""
     g = model.get_layer("pose_gain")
     g.set_weights([g.get_weights()[0], np.array([gain], np.float32)])
+
+
+def set_smoothing(model, alpha: float) -> None:
+    """Set the output low-pass coefficient (1 = off) of a model that has a 'pose_smooth' layer."""
+    sm = model.get_layer("pose_smooth")
+    sm.set_weights([sm.get_weights()[0], np.array([alpha], np.float32)])
+
+
+def smooth_np(poses: np.ndarray, mean: np.ndarray, alpha: float) -> np.ndarray:
+    """The same low-pass in numpy, for fitting alpha: poses (T, 28) -> (T, 28), state from zero."""
+    out = np.empty_like(poses)
+    s = np.zeros(poses.shape[1], np.float64)
+    d = poses - mean
+    for t in range(len(poses)):
+        s = s + alpha * (d[t] - s)
+        out[t] = mean + s
+    return out
 
 
 def make_noise(T: int, dims: int, rng: np.random.Generator, smooth_frames: float = 25.0) -> np.ndarray:
@@ -554,7 +612,10 @@ def load_run(run_dir):
         raise FileNotFoundError(f"{run}: not a trained run/model folder, missing {missing} "
                                 f"(train one with `python -m trainer train --out {run}`)")
     try:
-        mcfg = ModelConfig.from_dict(json.loads((run / "model_config.json").read_text()), source=str(run / "model_config.json"))
+        md = json.loads((run / "model_config.json").read_text())
+        for flag in ("skip_features", "output_gain", "smooth"):  # runs made before these options existed
+            md.setdefault(flag, False)
+        mcfg = ModelConfig.from_dict(md, source=str(run / "model_config.json"))
         fcfg = FeatureConfig.from_dict(json.loads((run / "feature_config.json").read_text()), source=str(run / "feature_config.json"))
         norm = json.loads((run / "normalization.json").read_text())
     except (json.JSONDecodeError, TypeError) as e:

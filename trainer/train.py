@@ -21,7 +21,8 @@ import time
 import numpy as np
 
 from trainer.config import TrainConfig, from_dict
-from trainer.model import N_POSE, ModelConfig, build_sequence_model, make_noise, run_free, set_gain, set_normalization
+from trainer.model import (N_POSE, ModelConfig, build_sequence_model, make_noise, run_free, set_gain,
+                           set_normalization, set_smoothing, smooth_np)
 
 log = logging.getLogger(__name__)
 
@@ -427,10 +428,16 @@ def finish(run, cfg, model, mcfg, train_seqs, val_dances, val_seqs, pose_mean, f
     """After training (best weights loaded): calibrate the output gain on the training dances,
     held-out metrics (metrics.json) and plots."""
     calibration = None
-    if mcfg.kind == "ours" and mcfg.output_gain:
+    if mcfg.kind == "ours" and (mcfg.output_gain or mcfg.smooth):
         calibration = calibrate_gain(model, mcfg, train_seqs, cfg)
-        uncal = {"gain": 1.0, **validate(model, mcfg, val_seqs, 0, pose_mean)}
-        set_gain(model, calibration["gain"])
+        alpha = calibration["alpha"]
+        if mcfg.smooth:
+            set_smoothing(model, 1.0)
+        uncal = {"gain": 1.0, "alpha": 1.0, **validate(model, mcfg, val_seqs, 0, pose_mean)}
+        if mcfg.smooth:
+            set_smoothing(model, alpha)
+        if mcfg.output_gain:
+            set_gain(model, calibration["gain"])
         model.save_weights(str(run / "model.weights.h5"))
         calibration["val_uncalibrated"] = uncal
     metrics = final_metrics(model, mcfg, val_dances, val_seqs, train_seqs, pose_mean, fcfg, cfg.eval_baselines)
@@ -469,24 +476,62 @@ def refinish(run_dir) -> dict:
                   fcfg, history, info)
 
 
+ALPHAS = (1.0, 0.7, 0.5, 0.35, 0.25)  # output low-pass coefficients tried (1 = no smoothing)
+
+
 def calibrate_gain(model, mcfg, train_seqs, cfg, max_dances: int = 10, max_frames: int = 1500) -> dict:
-    """Fit the output gain on TRAINING dances only: the gain that brings the model's joint-speed
-    std (free running, gain 1) to ground truth's, but no further than keeps its jitter within
-    JITTER_CAP x ground truth's (energy and jitter both scale with the gain); clipped to
-    [1, cfg.max_gain]."""
-    set_gain(model, 1.0)
-    e_r, j_r = [], []
+    """Fit the output low-pass and gain on TRAINING dances only. The raw free-running poses are
+    generated once; for each smoothing coefficient the reachable energy is min(1, JITTER_CAP *
+    e / j) (the gain scales energy e and jitter j alike and may raise jitter to JITTER_CAP x
+    ground truth's, and at most cfg.max_gain); take the best coefficient, then the gain that brings the joint-speed std to
+    ground truth's within that cap, clipped to [1, cfg.max_gain]."""
+    if mcfg.output_gain:
+        set_gain(model, 1.0)
+    if mcfg.smooth:
+        set_smoothing(model, 1.0)
+    mean = model.get_layer("pose_gain").get_weights()[0] if mcfg.output_gain else None
+    raws = []
     for s in train_seqs[:: max(1, len(train_seqs) // max_dances)][:max_dances]:
         T = min(len(s.x), max_frames)
-        pred = run_free(model, mcfg, s.x[:T])[:, :N_POSE]
-        q = quick_metrics(pred, s.pose[:T], s.pose.mean(0))
-        e_r.append(q["energy_ratio"])
-        j_r.append(q["jitter_ratio"])
-    e, j = float(np.median(e_r)), float(np.median(j_r))
-    g = float(np.clip(min(1.0 / max(e, 1e-3), JITTER_CAP / max(j, 1e-3)), 1.0, cfg.max_gain))
-    log.info("output gain calibrated on %d training dances: energy ratio %.3f, jitter ratio %.3f -> gain %.3f",
-             len(e_r), e, j, g)
-    return {"gain": g, "train_energy_ratio_before": e, "train_jitter_ratio_before": j, "dances": len(e_r)}
+        raws.append((run_free(model, mcfg, s.x[:T])[:, :N_POSE], s.pose[:T]))
+    if mean is None:
+        mean = np.mean([p.mean(0) for _, p in raws], axis=0)
+    table = []
+    for a in (ALPHAS if mcfg.smooth else (1.0,)):
+        qs = [quick_metrics(smooth_np(r, mean, a), gt, gt.mean(0)) for r, gt in raws]
+        e = float(np.median([q["energy_ratio"] for q in qs]))
+        j = float(np.median([q["jitter_ratio"] for q in qs]))
+        reach = min(1.0, e * cfg.max_gain, JITTER_CAP * e / max(j, 1e-6)) if mcfg.output_gain else -abs(math.log(max(e, 1e-3)))
+        table.append({"alpha": a, "energy_ratio": e, "jitter_ratio": j, "reach": reach})
+    best = max(table, key=lambda r: (round(r["reach"], 2), r["alpha"]))
+    e, j = best["energy_ratio"], best["jitter_ratio"]
+    g = float(np.clip(min(1.0 / max(e, 1e-3), JITTER_CAP / max(j, 1e-3)), 1.0, cfg.max_gain)) if mcfg.output_gain else 1.0
+    if mcfg.smooth:
+        set_smoothing(model, best["alpha"])
+    log.info("output calibrated on %d training dances: alpha %.2f (energy %.3f, jitter %.3f) -> gain %.3f",
+             len(raws), best["alpha"], e, j, g)
+    return {"gain": g, "alpha": best["alpha"], "train_energy_ratio_before": e, "train_jitter_ratio_before": j,
+            "alphas": table, "dances": len(raws)}
+
+
+def upgrade_run(run_dir, **changes) -> None:
+    """Rebuild a run's model with changed model-config flags (e.g. smooth=True for a run made
+    before the output low-pass existed), copying the trained weights by layer name."""
+    import dataclasses as dc
+
+    from trainer.model import copy_weights, load_run
+
+    run = pathlib.Path(run_dir)
+    old, mcfg, _, norm = load_run(run)
+    new_cfg = dc.replace(mcfg, **changes)
+    new = build_sequence_model(new_cfg, int(norm["n_features"]))
+    set_normalization(new, norm["feat_mean"], norm["feat_std"], np.asarray(norm["pose_mean"], np.float32))
+    copy_weights(old, new, strict=False)
+    new.save_weights(str(run / "model.weights.h5"))
+    _save_json(run / "model_config.json", new_cfg.to_dict())
+    tc = json.loads((run / "train_config.json").read_text())
+    tc.update({k: v for k, v in changes.items() if k in tc or k in ("smooth",)})
+    _save_json(run / "train_config.json", tc)
 
 
 def _evaluate_module():
