@@ -24,7 +24,7 @@ class AudioError(RuntimeError):
 def load_file(path: str | os.PathLike, cfg: FeatureConfig = DEFAULT_FEATURES) -> np.ndarray:
     """Decode a WAV/MP3/FLAC file to int16 mono at cfg.sample_rate_hz, shape (N,)."""
     x, sr = read_float(path)
-    return to_pcm16(resample(x, sr, cfg.sample_rate_hz))
+    return resample_pcm16(to_pcm16(x), sr, cfg.sample_rate_hz)
 
 
 def read_float(path: str | os.PathLike) -> tuple[np.ndarray, int]:
@@ -60,37 +60,60 @@ def to_pcm16(x: np.ndarray) -> np.ndarray:
     return np.clip(np.round(x * 32768.0), -32768, 32767).astype(np.int16)
 
 
-def resample(x: np.ndarray, sr_in: int, sr_out: int, taps_per_side: int = 16) -> np.ndarray:
-    """Band-limited resampling (Kaiser-windowed sinc), float in, float32 out.
+TAP_FRAC_BITS = 15  # resampler taps in Q15: every |tap| <= cutoff < 1, so a tap fits int16
 
-    Cutoff at 0.95 of the lower Nyquist; each output sample is a dot product of
-    2 * taps_per_side input samples. Good to about -80 dB, ample for Mel features.
-    """
-    if sr_in == sr_out:
-        return np.asarray(x, dtype=np.float32)
+
+def sinc_kernel(sr_in: int, sr_out: int, taps_per_side: int = 16):
+    """The resampler's polyphase kernel: (up, down, width, k (2w,), taps (up, 2w) int64 Q15).
+
+    Kaiser-windowed sinc (beta 8), cutoff at 0.95 of the lower Nyquist. Output n sits at
+    input position n * down / up; its fractional part cycles through `up` phases. The taps
+    are integers so the result is bit-identical on every CPU (float sums are not: x86 and
+    arm64 round them differently)."""
     g = math.gcd(sr_in, sr_out)
     up, down = sr_out // g, sr_in // g
     ratio = sr_out / sr_in
     cutoff = 0.95 * min(1.0, ratio)  # fraction of the input Nyquist
-    n_out = int(len(x) * up // down)
     width = math.ceil(taps_per_side / min(1.0, ratio))
-    # Output n sits at input position n * down / up; its fractional part cycles through `up` phases.
     phases = np.arange(up) / up  # (up,)
     k = np.arange(-width + 1, width + 1)  # (2 * width,)
     d = k[None, :] - phases[:, None]  # (up, 2 * width) distance of each tap
     beta = 8.0
     win = np.i0(beta * np.sqrt(np.clip(1 - (d / width) ** 2, 0, 1))) / np.i0(beta)
-    kern = (cutoff * np.sinc(cutoff * d) * win).astype(np.float32)  # (up, 2 * width)
-    xp = np.concatenate([np.zeros(width, np.float32), np.asarray(x, np.float32), np.zeros(width + 1, np.float32)])
-    out = np.empty(n_out, dtype=np.float32)
+    taps = np.round(cutoff * np.sinc(cutoff * d) * win * (1 << TAP_FRAC_BITS)).astype(np.int64)
+    return up, down, width, k, taps
+
+
+def polyphase(xq: np.ndarray, n: np.ndarray, first: int, up: int, down: int, k, taps) -> np.ndarray:
+    """Integer resampler core: output samples n from int16 input xq, whose xq[0] is input index
+    `first`. Sums of int16 x Q15 in int64 (at most 96 taps: no overflow), rounded back to int16."""
+    base = (n * down) // up  # integer input index of each output
+    idx = base[:, None] + k[None, :] - first  # (len(n), 2 * width)
+    acc = (xq[idx].astype(np.int64) * taps[(n * down) % up]).sum(axis=1)
+    return np.clip((acc + (1 << (TAP_FRAC_BITS - 1))) >> TAP_FRAC_BITS, -32768, 32767).astype(np.int16)
+
+
+def resample_pcm16(pcm: np.ndarray, sr_in: int, sr_out: int, taps_per_side: int = 16) -> np.ndarray:
+    """Band-limited resampling in integer arithmetic: int16 in, int16 out, (N * up // down,)."""
+    pcm = np.asarray(pcm, np.int16)
+    if sr_in == sr_out:
+        return pcm.copy()
+    up, down, width, k, taps = sinc_kernel(sr_in, sr_out, taps_per_side)
+    n_out = int(len(pcm) * up // down)
+    xp = np.concatenate([np.zeros(width, np.int16), pcm, np.zeros(width + 1, np.int16)])
+    out = np.empty(n_out, np.int16)
     chunk = 65536
     for s in range(0, n_out, chunk):
         n = np.arange(s, min(n_out, s + chunk))
-        base = (n * down) // up  # integer input index
-        ph = (n * down) % up
-        idx = base[:, None] + k[None, :] + width  # (n, 2 * width)
-        out[s:s + len(n)] = np.einsum("ij,ij->i", xp[idx], kern[ph])
+        out[s:s + len(n)] = polyphase(xp, n, -width, up, down, k, taps)
     return out
+
+
+def resample(x: np.ndarray, sr_in: int, sr_out: int, taps_per_side: int = 16) -> np.ndarray:
+    """Float in [-1, 1) -> float32: the integer resampler on the int16 version of x.
+
+    Good to about -80 dB (the taps' Q15 rounding sits below the int16 floor), ample for Mel."""
+    return resample_pcm16(to_pcm16(np.asarray(x)), sr_in, sr_out, taps_per_side).astype(np.float32) / 32768.0
 
 
 # --- live sources ------------------------------------------------------------
@@ -117,7 +140,7 @@ class Chunk(NamedTuple):
 
 
 class StreamResampler:
-    """`resample` for a stream: the same Kaiser-windowed sinc kernel, state kept across chunks.
+    """`resample` for a stream: the same integer kernel, state kept across chunks.
 
     Output sample n sits at input position n * down / up; it is computed once input up to
     that position + `width` taps has arrived, so the output lags the input by `width` input
@@ -125,40 +148,32 @@ class StreamResampler:
     """
 
     def __init__(self, sr_in: int, sr_out: int, taps_per_side: int = 16):
-        g = math.gcd(sr_in, sr_out)
-        self.up, self.down = sr_out // g, sr_in // g
-        ratio = sr_out / sr_in
-        cutoff = 0.95 * min(1.0, ratio)
-        self.width = math.ceil(taps_per_side / min(1.0, ratio))
-        phases = np.arange(self.up) / self.up  # (up,)
-        self.k = np.arange(-self.width + 1, self.width + 1)  # (2 * width,)
-        d = self.k[None, :] - phases[:, None]  # (up, 2 * width)
-        beta = 8.0
-        win = np.i0(beta * np.sqrt(np.clip(1 - (d / self.width) ** 2, 0, 1))) / np.i0(beta)
-        self.kern = (cutoff * np.sinc(cutoff * d) * win).astype(np.float32)  # (up, 2 * width)
         self.passthrough = sr_in == sr_out
+        self.up, self.down, self.width, self.k, self.taps = sinc_kernel(sr_in, sr_out, taps_per_side)
         self.reset()
 
     def reset(self):
-        self._buf = np.zeros(self.width, np.float32)  # zeros before the stream, as in `resample`
+        self._buf = np.zeros(self.width, np.int16)  # zeros before the stream, as in `resample`
         self._buf_start = -self.width  # input index of _buf[0]
         self._n = 0  # next output index
 
     def process(self, x: np.ndarray) -> np.ndarray:
         """float input chunk (any length) -> float32 output samples that became computable."""
+        y = self.process_pcm16(to_pcm16(np.asarray(x)))
+        return y.astype(np.float32) / 32768.0
+
+    def process_pcm16(self, x: np.ndarray) -> np.ndarray:
+        """int16 input chunk (any length) -> int16 output samples that became computable."""
         if self.passthrough:
-            return np.asarray(x, np.float32)
-        self._buf = np.concatenate([self._buf, np.asarray(x, np.float32)])
+            return np.asarray(x, np.int16)
+        self._buf = np.concatenate([self._buf, np.asarray(x, np.int16)])
         have = self._buf_start + len(self._buf)  # input samples [.., have) are known
         # output n needs input index base(n) + width, base(n) = n * down // up
         n_end = ((have - self.width - 1) * self.up) // self.down + 1
         if n_end <= self._n:
-            return np.zeros(0, np.float32)
+            return np.zeros(0, np.int16)
         n = np.arange(self._n, n_end)
-        base = (n * self.down) // self.up
-        ph = (n * self.down) % self.up
-        idx = base[:, None] + self.k[None, :] - self._buf_start  # (n, 2 * width)
-        out = np.einsum("ij,ij->i", self._buf[idx], self.kern[ph]).astype(np.float32)
+        out = polyphase(self._buf, n, self._buf_start, self.up, self.down, self.k, self.taps)
         self._n = n_end
         keep_from = (n_end * self.down) // self.up - self.width + 1 - self._buf_start
         if keep_from > 0:
@@ -345,11 +360,11 @@ class MicSource(_Source):
             self.overflows += 1
         x = np.frombuffer(data, dtype=np.int16)
         if self.channels > 1:
-            x = x.reshape(-1, self.channels).mean(axis=1)
+            x = (x.reshape(-1, self.channels).astype(np.int32).sum(axis=1) // self.channels).astype(np.int16)
         if self._resampler.passthrough:
             pcm = x.astype(np.int16, copy=True)
         else:
-            pcm = to_pcm16(self._resampler.process(x.astype(np.float32) / 32768.0))
+            pcm = self._resampler.process_pcm16(x)
         with self._ready:
             if len(self._q) >= self._max_queue:
                 self.dropped_samples += len(self._q.popleft().pcm)
@@ -468,7 +483,7 @@ class StdinSource(_Source):
                 carry = data[n:]
                 x = np.frombuffer(data[:n], dtype="<i2")
                 if not self._resampler.passthrough:
-                    x = to_pcm16(self._resampler.process(x.astype(np.float32) / 32768.0))
+                    x = self._resampler.process_pcm16(x)
                 else:
                     x = x.astype(np.int16)
                 if len(x):

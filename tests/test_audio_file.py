@@ -74,3 +74,17 @@ def test_int16_wav_at_16k_is_read_bit_exactly(tmp_path):
     pcm = np.random.default_rng(3).integers(-32768, 32767, 16000, dtype=np.int16)
     sf.write(tmp_path / "x.wav", pcm, SR, subtype="PCM_16")
     assert np.array_equal(load_file(tmp_path / "x.wav"), pcm)
+
+
+def test_resampler_is_integer_and_streams_bit_exactly():
+    from device.audio import StreamResampler, resample_pcm16
+    pcm = np.random.default_rng(5).integers(-20000, 20000, 44100, dtype=np.int16)
+    batch = resample_pcm16(pcm, 44100, 16000)
+    assert batch.dtype == np.int16 and len(batch) == 16000
+    r = StreamResampler(44100, 16000)
+    parts, pos = [], 0
+    for n in np.random.default_rng(6).integers(1, 3000, 100):
+        parts.append(r.process_pcm16(pcm[pos:pos + n]))
+        pos += n
+    streamed = np.concatenate(parts)
+    assert np.array_equal(streamed, batch[:len(streamed)]) and len(streamed) > 15900
