@@ -24,6 +24,12 @@ Two decisions shape the converted graph:
   as they are. Not for states that enter a concatenation (the attention buffer, the
   previous pose): XNNPACK refuses a concatenation whose inputs have different scales; the
   device re-quantizes those through a lookup table.
+* The pose tail leaves the graph too: the output low-pass (`pose_smooth`, s += alpha *
+  (y - mean - s)) and the gain (`pose_gain`, clip(mean + g (y - mean), -1, 1)). In int8 the
+  low-pass state has a dead zone (a change under half a step / alpha never moves it: 0.011
+  for alpha 0.35), a staircase the beat metrics punish. The converter sets alpha and g to 1
+  and the manifest's `pose_post` {alpha, smooth_mean, gain, gain_mean} has the device run both
+  in float on the dequantized decoder pose (28 values).
 * The graph is saved from a frozen concrete function. Keras 3 variables otherwise
   stay resource variables in the .tflite and the int8 calibrator fails on READ_VARIABLE.
   Signature outputs are then named output_0.. in the order of `StepSignature.outputs`.
@@ -127,6 +133,7 @@ class KerasModels:
     feat_inv_std: np.ndarray  # (F,)
     signature: StepSignature
     source: str = ""
+    smoothing: dict | None = None  # the pose tail run on the device: {alpha, smooth_mean, gain, gain_mean}
 
 
 def from_sequence_model(sequence, mcfg, feature_cfg, normalization: dict, source: str = "") -> KerasModels:
@@ -137,7 +144,17 @@ def from_sequence_model(sequence, mcfg, feature_cfg, normalization: dict, source
     step = tm.build_step_model(mcfg, n_features)
     tm.copy_weights(sequence, step)
     mean, inv_std = (np.asarray(w, np.float32) for w in step.get_layer("feat_norm").get_weights())
-    return KerasModels(sequence, step, mcfg, feature_cfg, dict(normalization), mean, inv_std, describe(step), source)
+    names = {layer.name for layer in step.layers}
+    post = {"alpha": 1.0, "smooth_mean": [0.0] * 28, "gain": 1.0, "gain_mean": [0.0] * 28}
+    if "pose_smooth" in names:
+        sm_mean, alpha = step.get_layer("pose_smooth").get_weights()
+        post.update(alpha=float(alpha[0]), smooth_mean=[float(v) for v in sm_mean])
+    if "pose_gain" in names:
+        g_mean, gain = step.get_layer("pose_gain").get_weights()
+        post.update(gain=float(gain[0]), gain_mean=[float(v) for v in g_mean])
+    smoothing = post if ("pose_smooth" in names or "pose_gain" in names) else None
+    return KerasModels(sequence, step, mcfg, feature_cfg, dict(normalization), mean, inv_std, describe(step), source,
+                       smoothing)
 
 
 def from_run(run_dir) -> KerasModels:
@@ -159,11 +176,14 @@ class KerasStepper:
         self.models = models
         self.sig = models.signature
         step = folded_clone(models) if folded else models.step
+        sm = models.smoothing if folded else None
+        self._post = None if sm is None else {k: np.asarray(v, np.float32) for k, v in sm.items()}
         self._fn = tf.function(lambda feed: step(feed, training=False), reduce_retracing=True)
         self.reset()
 
     def reset(self):
         self.states = {i: np.zeros(self.sig.input(i).shape, np.float32) for i, _ in self.sig.states}
+        self._s = np.zeros((1, 28), np.float32)
 
     def step(self, x: np.ndarray, noise: np.ndarray | None = None) -> dict:
         feed = {FEATURE_INPUT: np.asarray(x, np.float32).reshape(1, -1), **self.states}
@@ -171,6 +191,11 @@ class KerasStepper:
             feed[NOISE_INPUT] = np.asarray(noise, np.float32).reshape(1, -1)
         out = {k: np.asarray(v) for k, v in self._fn(feed).items()}
         self.states = {i: out[o] for i, o in self.sig.states}
+        if self._post is not None:  # the folded graph leaves the low-pass and the gain to the device
+            p = self._post
+            self._s += p["alpha"] * (out[POSE_OUTPUT] - p["smooth_mean"] - self._s)
+            y = p["smooth_mean"] + self._s
+            out[POSE_OUTPUT] = np.clip(p["gain_mean"] + p["gain"] * (y - p["gain_mean"]), -1.0, 1.0)
         return out
 
     def run(self, x: np.ndarray, noise: np.ndarray | None = None, record_every: int = 0):
@@ -230,13 +255,21 @@ def representative_samples(models: KerasModels, songs: list[np.ndarray], n_sampl
 
 
 def folded_clone(models: KerasModels):
-    """A copy of the step model with feat_norm folded into enc_lstm_0 (feat_norm = identity)."""
+    """A copy of the step model with feat_norm folded into the LSTMs (feat_norm = identity) and
+    the output low-pass off (alpha = 1; the device applies it)."""
     from trainer import model as tm
 
     clone = tm.build_step_model(models.mcfg, models.signature.n_features)
     tm.copy_weights(models.step, clone)
     n = models.signature.n_features
     clone.get_layer("feat_norm").set_weights([np.zeros(n, np.float32), np.ones(n, np.float32)])
+    names = {layer.name for layer in clone.layers}
+    if "pose_smooth" in names:  # the device runs the low-pass and the gain in float (module doc)
+        sm = clone.get_layer("pose_smooth")
+        sm.set_weights([sm.get_weights()[0], np.ones(1, np.float32)])
+    if "pose_gain" in names:
+        g = clone.get_layer("pose_gain")
+        g.set_weights([g.get_weights()[0], np.ones(1, np.float32)])
     m, s = models.feat_mean.astype(np.float64), models.feat_inv_std.astype(np.float64)
     _fold_rows(clone.get_layer("enc_lstm_0"), 0, m, s)
     mcfg = models.mcfg
@@ -325,7 +358,7 @@ def fix_input_quantization(blob: bytes, input_name: str = FEATURE_INPUT, scale: 
         if input_name not in inputs:
             raise ConversionError(f"fix_input_quantization: no signature input {input_name!r}")
         if inputs[input_name] in _concat_inputs(model, sg):
-            log.warning("input %s enters a concatenation: keeping its calibrated quantization", input_name)
+            log.info("input %s enters a concatenation: keeping its calibrated quantization", input_name)
             return {}
         return {inputs[input_name]: (scale, zero_point)}
     return _retune_quantization(blob, plan)

@@ -9,8 +9,8 @@ naming the file and the field for anything wrong.
 `Bundle.stepper()` gives a `StreamingModel`: `step(x (F,) float32) -> (pose (14, 2), heading)`.
 Per frame it quantizes the features (the model holds their normalisation), feeds every state the
 model returned last frame back in (re-quantized when the output and input scales
-differ), invokes, and dequantizes the pose and the heading change; all buffers are
-allocated once. numpy + LiteRT only: no TensorFlow on the device.
+differ), invokes, dequantizes the pose and the heading change, and runs the model's output
+low-pass and gain in float when the manifest has them; buffers are allocated once. numpy + LiteRT only: no TensorFlow on the device.
 """
 from __future__ import annotations
 
@@ -257,6 +257,20 @@ def load_bundle(path, cfg: FeatureConfig = DEFAULT_FEATURES) -> Bundle:
         _fail(mpath, "heading.kind", f"{heading['kind']!r} is not 'delta_radians_per_frame'")
     for key in ("model_config", "training", "metrics", "versions"):
         _get(m, key, dict, mpath)
+    post = m.get("pose_post")
+    if post is not None:
+        if not isinstance(post, dict):
+            _fail(mpath, "pose_post", "expected null or an object {alpha, smooth_mean, gain, gain_mean}")
+        alpha = _get(post, "alpha", float, mpath, "pose_post.")
+        if not 0.0 < alpha <= 1.0:
+            _fail(mpath, "pose_post.alpha", f"{alpha} is not in (0, 1]")
+        gain = _get(post, "gain", float, mpath, "pose_post.")
+        if not (math.isfinite(gain) and gain > 0):
+            _fail(mpath, "pose_post.gain", f"{gain} must be a positive number")
+        for key in ("smooth_mean", "gain_mean"):
+            v = _get(post, key, list, mpath, "pose_post.")
+            if len(v) != N_POSE or not all(isinstance(e, (int, float)) and math.isfinite(e) for e in v):
+                _fail(mpath, f"pose_post.{key}", f"must be {N_POSE} finite numbers")
 
     ins = _tensor_list(m, "inputs", ROLES_IN, mpath)
     outs = _tensor_list(m, "outputs", ROLES_OUT, mpath)
@@ -384,6 +398,15 @@ class StreamingModel:
         self._head_s, self._head_zp = float(th.scale or 1.0), float(th.zero_point if th.scale else 0)
         self._pose = np.zeros((N_KEYPOINTS, 2), np.float32)
         self._pose_flat = self._pose.reshape(-1)
+        # The model's pose tail, in float: low-pass s += alpha * (y - ms - s), y = ms + s; then
+        # the gain y = clip(mg + g * (y - mg), -1, 1).
+        post = bundle.manifest.get("pose_post")
+        self._smooth = self._gain = None
+        if post is not None and float(post["alpha"]) < 1.0:
+            self._smooth = (np.float32(post["alpha"]), np.asarray(post["smooth_mean"], np.float32),
+                            np.zeros(N_POSE, np.float32))
+        if post is not None and float(post["gain"]) != 1.0:
+            self._gain = (np.float32(post["gain"]), np.asarray(post["gain_mean"], np.float32))
         self.reset()
 
     def __enter__(self):
@@ -398,6 +421,8 @@ class StreamingModel:
     def reset(self):
         """Start of a new stream: all-zero states (the model's start), heading 0."""
         self._state_vals = [v.copy() for v in self._state_init]
+        if self._smooth is not None:
+            self._smooth[2].fill(0.0)  # the smoothed pose starts at the mean pose
         self.heading = 0.0
         self._rng = np.random.default_rng(self._seed)
         if self._noise is not None:
@@ -441,6 +466,18 @@ class StreamingModel:
         pose = self._pose_flat
         np.multiply(interp.get_tensor(self._pose_idx)[0], self._pose_s, out=pose)
         pose -= self._pose_off
+        if self._smooth is not None:
+            alpha, mean, st = self._smooth
+            pose -= mean
+            pose -= st
+            pose *= alpha
+            st += pose
+            np.add(mean, st, out=pose)
+        if self._gain is not None:
+            g, mean = self._gain
+            pose -= mean
+            pose *= g
+            pose += mean
         np.clip(pose, -1.0, 1.0, out=pose)
         dh = (float(interp.get_tensor(self._head_idx)[0, 0]) - self._head_zp) * self._head_s
         self.heading = (self.heading + dh + math.pi) % (2 * math.pi) - math.pi

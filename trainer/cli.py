@@ -40,7 +40,8 @@ def cmd_experiments(args) -> int:
 
     rows = run_suite(args.suite, minutes_per_run=args.minutes_per_run, out_root=args.out, doc=args.doc,
                      only=args.only, report_only=args.report_only, config_files=args.config or [],
-                     sets=args.set or [])
+                     sets=args.set or [],
+                     notes=pathlib.Path(args.suite_notes).read_text() if args.suite_notes else "")
     print(f"{args.doc}: {len(rows)} runs reported")
     if args.training_run:
         training_report(args)
@@ -62,8 +63,7 @@ def training_report(args) -> None:
     _, val = load_data(cfg, fcfg, run)
     tempo = tempo_responses(run, val, n=args.tempo_dances) if args.tempo_dances else None
     base = pathlib.Path(args.out) / "baselines"
-    cmd = " ".join(["python -m trainer"] + sys.argv[1:]) if sys.argv and "trainer" in sys.argv[0] else \
-        f"python -m trainer experiments --suite baselines --training-run {run}"
+    cmd = " ".join(["python -m trainer"] + sys.argv[1:])
     notes = pathlib.Path(args.notes).read_text() if args.notes else ""
     write_training_report(run, {k.upper(): base / k for k in BASELINES_SUITE}, args.training_doc, cmd, tempo, notes)
     print(f"{args.training_doc}: written")
@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--config", action="append", help="base config override file for every run (repeatable)")
     e.add_argument("--training-run", help="also write the training report of this run (with the baselines suite)")
     e.add_argument("--training-doc", default="docs/results/training.md", help="where --training-run writes")
+    e.add_argument("--suite-notes", help="markdown file appended to the suite's report (findings)")
     e.add_argument("--notes", help="markdown file appended to the training report (findings, lever probes)")
     e.add_argument("--tempo-dances", type=int, default=3, help="held-out dances for the tempo response (0 = skip)")
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help="base config override for every run")

@@ -82,7 +82,7 @@ def _fmt(v) -> str:
 
 
 def write_report(suite: str, rows: dict[str, dict], studies: dict[str, list[str]], doc: pathlib.Path,
-                 minutes_per_run: float, command: str, out_root: pathlib.Path) -> None:
+                 minutes_per_run: float, command: str, out_root: pathlib.Path, notes: str = "") -> None:
     lines = [f"# Experiments: suite `{suite}`", "",
              f"Produced by `{command}` ({time.strftime('%Y-%m-%d %H:%M')}). Every run trains the default "
              f"configuration (trainer/config.py) with one field changed, on the same split (by dance, "
@@ -114,6 +114,8 @@ def write_report(suite: str, rows: dict[str, dict], studies: dict[str, list[str]
         lines.append("")
     if (doc.parent / f"experiments_{suite}.png").exists():
         lines += [f"![{suite}](experiments_{suite}.png)", ""]
+    if notes:
+        lines += [notes, ""]
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines) + "\n")
 
@@ -146,7 +148,7 @@ def plot_suite(suite: str, rows: dict[str, dict], studies: dict[str, list[str]],
 
 def run_suite(suite: str, minutes_per_run: float = 4.0, out_root="runs/experiments",
               doc="docs/results/experiments.md", only=None, report_only: bool = False,
-              base: TrainConfig | None = None, config_files=(), sets=()) -> dict[str, dict]:
+              base: TrainConfig | None = None, config_files=(), sets=(), notes: str = "") -> dict[str, dict]:
     from trainer.train import load_data, train
 
     if suite not in SUITES:
@@ -194,8 +196,9 @@ def run_suite(suite: str, minutes_per_run: float = 4.0, out_root="runs/experimen
     doc = pathlib.Path(doc)
     doc.parent.mkdir(parents=True, exist_ok=True)
     plot_suite(suite, rows, studies, doc.parent / f"experiments_{suite}.png")
-    cmd = f"python -m trainer experiments --suite {suite} --minutes-per-run {minutes_per_run:g}"
-    write_report(suite, rows, studies, doc, minutes_per_run, cmd, out_root)
+    cmd = " ".join(["python -m trainer experiments", f"--suite {suite}", f"--minutes-per-run {minutes_per_run:g}"]
+                   + [f"--config {c}" for c in config_files] + [f"--set {x}" for x in sets])
+    write_report(suite, rows, studies, doc, minutes_per_run, cmd, out_root, notes)
     return rows
 
 
@@ -226,8 +229,9 @@ def write_training_report(default_run, baseline_runs: dict, doc, command: str, t
     m = json.loads((default_run / "metrics.json").read_text())
     tr = m["training"]
     rows = {"ours (shipped: fitted low-pass + gain)": _row("ours", default_run, as_trained=False)}
-    if m.get("calibration"):
-        rows["ours as trained (no low-pass, gain 1)"] = _row("ours", default_run)
+    if m.get("calibration"):  # only MSE, energy, jitter were measured before the fitted output stage
+        un = m["calibration"]["val_uncalibrated"]
+        rows["ours as trained (no low-pass, gain 1)"] = {k: un[k] for k in ("mse", "energy_ratio", "jitter_ratio")}
     for name, run in baseline_runs.items():
         r = _row(name, pathlib.Path(run))
         if r is not None:
@@ -261,7 +265,7 @@ def write_training_report(default_run, baseline_runs: dict, doc, command: str, t
              "| target | - | 0.8-1.25 | <= 1.5 | >= 0.8 | ~ ground truth | (weak) |"]
     for name, r in rows.items():
         r = with_ratio(r)
-        lines.append(f"| {name} | " + " | ".join(_fmt(r.get(k)) for k, _ in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(_fmt(r[k]) if k in r else "-" for k, _ in cols) + " |")
     if b:
         mp, os_ = b.get("mean_pose", {}), with_ratio(b.get("other_song", {}))
         lines.append(f"| mean pose | " + " | ".join(_fmt(mp.get(k)) for k, _ in cols[:3]) + " | 0 | "
