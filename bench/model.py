@@ -41,6 +41,11 @@ def time_calls(fn, n: int, warmup: int = 100) -> np.ndarray:
     return t / 1e6  # ms
 
 
+def _rel(path) -> str:
+    p = pathlib.Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(path)
+
+
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(prog="python -m bench.model", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", default=str(ROOT / "models" / "default" / "keras"), help="trained run folder")
@@ -69,6 +74,7 @@ def main(argv: list[str] | None = None) -> str:
 
         s8 = int8.stepper()
         t_int8 = time_calls(lambda i: s8.step(x[i % T]), args.steps)
+        t_invoke = time_calls(lambda i: s8._interp.invoke(), args.steps)  # the interpreter alone
         sf = dm.load_bundle(fdir).stepper()
         t_float = time_calls(lambda i: sf.step(x[i % T]), args.steps)
 
@@ -96,7 +102,9 @@ def main(argv: list[str] | None = None) -> str:
         sizes = {"int8 step": (pathlib.Path(args.bundle) / "model.tflite").stat().st_size,
                  "float step": (fdir / "model.tflite").stat().st_size, "float window": wpath.stat().st_size}
 
-    rows = [("int8 step (bundle)", t_int8, sizes["int8 step"]), ("float step", t_float, sizes["float step"]),
+    rows = [("int8 step (bundle)", t_int8, sizes["int8 step"]),
+            ("int8 invoke alone (no quantize, states, dequantize)", t_invoke, sizes["int8 step"]),
+            ("float step", t_float, sizes["float step"]),
             (f"float {W}-frame window", t_win, sizes["float window"])]
     base = np.median(t_int8)
     m = models.mcfg
@@ -104,7 +112,7 @@ def main(argv: list[str] | None = None) -> str:
     lines = [
         "## Model stage: streaming step vs re-running a window",
         "",
-        f"`{cmd.strip()}` on {datetime.date.today().isoformat()}; model `{args.run}` ({m.layers} x {m.units} "
+        f"`{cmd.strip()}` on {datetime.date.today().isoformat()}; model `{_rel(args.run)}` ({m.layers} x {m.units} "
         f"encoder, decoder {m.dec_units}, lookback {m.lookback}, {F} features), LiteRT, 1 thread, per pose frame "
         "(state handling and (de)quantization included for the steps); "
         f"{os.cpu_count()} cores shared with other jobs, load average {os.getloadavg()[0]:.1f}.",
