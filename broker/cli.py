@@ -30,7 +30,8 @@ def _devices(text: str) -> tuple[str, ...]:
 def cmd_run(args) -> int:
     """Start Mosquitto in the foreground until Ctrl-C."""
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a flag, not KeyboardInterrupt: no window where Ctrl-C kills us
+        signal.signal(sig, lambda *_: stop.set())
     try:
         with Broker(args.dir, devices=args.devices, tls=not args.no_tls, websockets=not args.no_ws,
                     port=args.port, host=args.bind) as b:

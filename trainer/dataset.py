@@ -193,11 +193,12 @@ def _source_stamp(paths) -> str:
 def feature_code_digest() -> str:
     """A digest of the code behind the features: the config hash alone misses algorithm edits."""
     import hashlib
+    import device.audio
     import device.beat
     import device.features
     import device.frontend
     h = hashlib.sha256()
-    for mod in (device.frontend, device.beat, device.features):
+    for mod in (device.audio, device.frontend, device.beat, device.features):
         h.update(pathlib.Path(mod.__file__).read_bytes())
     return h.hexdigest()[:12]
 
