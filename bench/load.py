@@ -159,7 +159,7 @@ def main(argv=None) -> str:
                 rows.append(r)
                 print(f"devices {n}: p50 {r['p50']:.1f} ms p99 {r['p99']:.1f} ms "
                       f"rate {r['achieved_rate']:.0f}/{r['target_rate']} msg/s delivered {r['delivered_fraction']:.3f}")
-                if r["p99"] > P99_LIMIT_MS * 4 or r["delivered_fraction"] < 0.9:
+                if r["delivered_fraction"] < 0.9 or r["late_ticks"] > 25:  # broker or load generator overloaded: stop
                     break
             for m in robots:
                 r = _run_step(b, 1, m, args.seconds, n_sub_procs=2 if m > 1 else 1)
