@@ -24,7 +24,7 @@ def test_shipped_model_dances_on_held_out_songs(real_data):
     assert val, "the shipped model must record its held-out dances"
     for name in val[:2]:
         d = dataset.load_dance(real_data / name, fcfg, cache_dir=None)
-        T = min(len(d.poses), 750)  # 30 s
+        T = min(len(d.poses), 1500)  # 60 s: enough 9 s windows for the period measure
         out = run_free(model, mcfg, np.asarray(d.features.x[:T], np.float32))
         poses = out[:, :N_POSE].reshape(T, 14, 2)
         assert np.isfinite(poses).all() and np.abs(poses).max() <= 1.0
@@ -32,4 +32,7 @@ def test_shipped_model_dances_on_held_out_songs(real_data):
         e = evaluate.energy(poses) / evaluate.energy(gt)
         assert 0.4 < e < 2.5, f"{name}: energy ratio {e:.2f} (a frozen or flailing model)"
         pm = evaluate.period_match(poses, d.features)["mean"]
-        assert pm >= 0.5, f"{name}: motion period matches the music in only {pm:.0%} of windows"
+        pm_gt = evaluate.period_match(gt, d.features)["mean"]
+        # The measure: the motion repeats at the song's beat or bar period at least as often
+        # as the real dancer's motion does on the same song (and far more than another song's dance).
+        assert pm >= pm_gt, f"{name}: motion period matches the music in {pm:.0%} of windows, the dancer's {pm_gt:.0%}"
