@@ -13,3 +13,17 @@ The contract every module follows (bench.run relies on it):
 `python -m bench.run [--only frontend,beat]` runs every module's `main([])` and writes
 docs/BENCHMARKS.md: a header (date, machine, command) and the sections in order.
 """
+
+import pathlib
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def write_section(text: str, path) -> str:
+    """Write a module's markdown section (a relative path is taken from the repository root,
+    wherever the command runs) and return it, as `main` does."""
+    out = pathlib.Path(path)
+    out = out if out.is_absolute() else REPO / out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return text

@@ -11,6 +11,7 @@ Without the data folder it uses 60 s of a synthesized drum pattern.
 """
 from __future__ import annotations
 
+from bench import write_section
 import argparse
 import logging
 import os
@@ -126,11 +127,7 @@ def main(argv: list[str] | None = None) -> str:
         lines.append(f"| {k} | {1000 * v / seconds:.2f} | {seconds / v:.0f} | {v / whole:.2f} |")
     verdict = "meets" if seconds / whole >= 100 else "MISSES"
     lines += ["", f"Target >= 100x real time for the streaming path: {seconds / whole:.0f}x, {verdict} it.", ""]
-    md = "\n".join(lines)
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(md)
-    return md
+    return write_section("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Writes docs/bench/faults.md; docs/reliability.md holds the fault table built fro
 """
 from __future__ import annotations
 
+from bench import write_section
 import argparse
 import pathlib
 import sys
@@ -110,11 +111,7 @@ def main(argv=None) -> str:
           "forwarding in both directions (no FIN, no RST). Times are seconds from the start of the fault unless "
           "the cell says otherwise; pose frames are lost by policy (only the newest second is kept offline).", "",
           "| fault | device and display | robot | lost |", "| --- | --- | --- | --- |", *rows, ""]
-    text = "\n".join(md)
-    out = REPO / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    return text
+    return write_section("\n".join(md), REPO / args.out)
 
 
 if __name__ == "__main__":

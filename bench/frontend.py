@@ -12,6 +12,7 @@ above -80 dBFS, on 60 s of each of a few real songs when EDGEDANCE_DATA is set.
 """
 from __future__ import annotations
 
+from bench import write_section
 import argparse
 import logging
 import os
@@ -179,11 +180,7 @@ def main(argv: list[str] | None = None) -> str:
         e = errors(synth(args.seconds, seed=1))
         lines += ["EDGEDANCE_DATA is unset: the dB error is on synthesized audio only "
                   f"(mean {e['mean']:.4f} dB, p99 {e['p99']:.4f} dB, max {e['max']:.4f} dB over bins above -80 dBFS).", ""]
-    section = "\n".join(lines)
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(section)
-    return section
+    return write_section("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ publishers cannot keep 25 fps, the step is reported as generator-bound.
 """
 from __future__ import annotations
 
+from bench import write_section
 import argparse
 import json
 import multiprocessing as mp
@@ -196,11 +197,7 @@ def main(argv=None) -> str:
                "across sites (one display for every room), use a clustered broker (EMQX or VerneMQ: shared "
                "subscriptions and sessions across nodes, load-balanced listeners) rather than chaining "
                "bridges; this project ships no home-made clustering.", ""]
-    text = "\n".join(md)
-    out = pathlib.Path("docs/bench/load.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    return text
+    return write_section("\n".join(md), "docs/bench/load.md")
 
 
 if __name__ == "__main__":

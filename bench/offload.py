@@ -10,6 +10,7 @@ replays context + 1 steps → publishes the pose. Workers run as separate proces
 """
 from __future__ import annotations
 
+from bench import write_section
 import argparse
 import multiprocessing as mp
 import pathlib
@@ -128,11 +129,7 @@ def main(argv=None) -> str:
            f"(capture → pose at the subscriber), and {o['bytes'] / d['bytes']:.0f}x the upstream bytes, for "
            f"{args.context} context frames replayed per pose. Latency is measured from the moment the feature frame "
            "exists; the frontend's own buffering (40 ms per pose frame) is the same on both paths.", ""]
-    text = "\n".join(md)
-    out = pathlib.Path("docs/bench/offload.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    return text
+    return write_section("\n".join(md), "docs/bench/offload.md")
 
 
 if __name__ == "__main__":

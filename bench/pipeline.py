@@ -16,6 +16,7 @@ Writes docs/bench/pipeline.md and returns the markdown.
 """
 from __future__ import annotations
 
+from bench import write_section
 import argparse
 import datetime
 import logging
@@ -264,11 +265,7 @@ def main(argv: list[str] | None = None) -> str:
         f"({args.seconds:g} s run; the issue's 5-minute run is `python -m bench.pipeline --seconds 300`).",
         "",
     ]
-    md = "\n".join(lines)
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(md)
-    return md
+    return write_section("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":
