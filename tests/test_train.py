@@ -44,6 +44,9 @@ def test_train_resume_generate(fake_root, tmp_path, monkeypatch):
     split = json.loads((run / "split.json").read_text())
     assert split["val"] and not set(split["val"]) & set(split["train"])
     assert np.isfinite(m["val_mean"]["mse"]) and m["training"]["epochs"] == 6
+    # Epochs are ranked by their output after the fitted low-pass and gain (what ships).
+    assert all("val_cal_mse" in h and "val_raw_score" in h and "val_cal_gain" in h for h in hist)
+    assert m["training"]["best_epoch"] == 1 + int(np.argmin([h["val_score"] for h in hist]))
 
     # Resume: continues from epoch 6 to 8 with the same split, history extended.
     m2 = train(build_config([], SMALL + ["epochs=8"]), run, resume=True, progress=False)
@@ -83,6 +86,32 @@ def test_train_resume_generate(fake_root, tmp_path, monkeypatch):
     assert p.ndim == 3 and p.shape[1:] == (14, 2) and p.shape[0] >= 140
     assert np.all(np.abs(p) <= 1.0) and np.isfinite(p).all()
     assert np.load(tmp_path / "h.npy").shape == (p.shape[0],)
+
+
+def test_cpu_budget_stops_training(fake_root, tmp_path, monkeypatch):
+    """budget_clock=cpu counts the process's CPU time: a tiny budget stops after the first step."""
+    monkeypatch.setenv("EDGEDANCE_DATA", str(fake_root))
+    m = train(build_config([], SMALL + ["epochs=50", "minutes=0.0001", "budget_clock=cpu", "threads=1",
+                                        "gif_frames=0"]), tmp_path / "run", progress=False)
+    t = m["training"]
+    assert t["stop_reason"] == "time" and t["epochs"] == 1
+    assert t["budget_clock"] == "cpu" and t["train_cpu_seconds"] > 0
+
+
+def test_output_stage_fit():
+    """The output stage recovers the gain that undoes a shrunken copy of the dance."""
+    from trainer.train import apply_output_stage, fit_output_stage
+
+    rng = np.random.default_rng(0)
+    t = np.arange(600)[:, None]
+    gt = 0.3 * np.sin(2 * np.pi * t / 25.0 + rng.uniform(0, 6, 28)) + rng.normal(0, 0.01, (600, 28))
+    mean = gt.mean(0)
+    raw = mean + 0.4 * (gt - mean)
+    st = fit_output_stage([(raw, gt)], mean, max_gain=4.0, smooth=False)
+    assert st["alpha"] == 1.0 and st["gain"] == pytest.approx(2.5, rel=0.02)
+    assert np.allclose(apply_output_stage(raw, mean, 1.0, st["gain"]), gt, atol=0.01)
+    capped = fit_output_stage([(raw, gt)], mean, max_gain=2.0, smooth=False)
+    assert capped["gain"] == 2.0
 
 
 def test_cli_errors(tmp_path, capsys):

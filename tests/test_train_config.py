@@ -38,6 +38,10 @@ def test_bad_values(tmp_path):
         build_config([], ["attention=maybe"])
     with pytest.raises(ValueError, match="kind"):
         build_config([], ["kind=gru"])
+    with pytest.raises(ValueError, match="budget_clock"):
+        build_config([], ["budget_clock=sundial"])
+    with pytest.raises(ValueError, match="selection"):
+        build_config([], ["selection=best"])
     with pytest.raises(FileNotFoundError, match="nope.json"):
         build_config([tmp_path / "nope.json"])
     (tmp_path / "x.json").write_text("{not json")

@@ -60,12 +60,18 @@ def training_report(args) -> None:
     run = pathlib.Path(args.training_run)
     cfg = from_dict(json.loads((run / "train_config.json").read_text()), str(run / "train_config.json"))
     fcfg = FeatureConfig.from_dict(json.loads((run / "feature_config.json").read_text()))
-    _, val = load_data(cfg, fcfg, run)
+    train, val = load_data(cfg, fcfg, run)
     tempo = tempo_responses(run, val, n=args.tempo_dances) if args.tempo_dances else None
     base = pathlib.Path(args.out) / "baselines"
+    baselines = {k.upper(): base / k for k in BASELINES_SUITE}
+    matched = None
+    if args.matched_energy:
+        from trainer.experiments import matched_energy
+
+        matched = matched_energy({"ours": run, **baselines}, train, val)
     cmd = " ".join(["python -m trainer"] + sys.argv[1:])
     notes = pathlib.Path(args.notes).read_text() if args.notes else ""
-    write_training_report(run, {k.upper(): base / k for k in BASELINES_SUITE}, args.training_doc, cmd, tempo, notes)
+    write_training_report(run, baselines, args.training_doc, cmd, tempo, notes, matched)
     print(f"{args.training_doc}: written")
 
 
@@ -91,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="noise seed (models with a noise input)")
     e = sub.add_parser("experiments", help="the paper's studies, each run with the same budget")
     e.add_argument("--suite", default="paper", help="suite name (paper, levers)")
-    e.add_argument("--minutes-per-run", type=float, default=4.0, help="wall-clock training budget per run")
+    e.add_argument("--minutes-per-run", type=float, default=4.0, help="training budget per run, minutes of CPU time on one thread (default: %(default)s)")
     e.add_argument("--out", default="runs/experiments", help="folder for the runs")
     e.add_argument("--doc", default="docs/results/experiments.md", help="markdown report to write")
     e.add_argument("--only", action="append", help="run only these experiment names (repeatable)")
@@ -101,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--training-doc", default="docs/results/training.md", help="where --training-run writes")
     e.add_argument("--suite-notes", help="markdown file appended to the suite's report (findings)")
     e.add_argument("--notes", help="markdown file appended to the training report (findings, lever probes)")
+    e.add_argument("--matched-energy", action="store_true",
+                   help="with --training-run: also compare MSE at equal motion energy (same fitted output stage for all)")
     e.add_argument("--tempo-dances", type=int, default=3, help="held-out dances for the tempo response (0 = skip)")
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help="base config override for every run")
     return p

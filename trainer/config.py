@@ -69,7 +69,10 @@ class TrainConfig:
     epochs: int = 60
     """Maximum epochs (the wall-clock budget may stop earlier)."""
     minutes: float = 35.0
-    """Hard wall-clock budget for training, minutes (checked after every step)."""
+    """Hard budget for training, minutes (checked after every step), on the `budget_clock`."""
+    budget_clock: str = "wall"
+    """What `minutes` counts: 'wall' (elapsed training time) or 'cpu' (the process's CPU time:
+    fair between runs on a shared machine; the experiment suites use it with threads=1)."""
     patience: int = 12
     """Early stopping: epochs without a better validation score (counted after annealing)."""
     seed: int = 0
@@ -102,6 +105,9 @@ class TrainConfig:
     """Validate (free-running on the held-out dances) every N epochs."""
     val_max_frames: int = 1500
     """Frames per held-out dance used for per-epoch validation (0 = whole dance)."""
+    selection: str = "calibrated"
+    """Which epoch is kept: 'calibrated' scores each epoch's output after the low-pass and gain
+    fitted to it (what ships), 'raw' scores the output as trained (trainer.train.validate)."""
 
     eval_baselines: bool = True
     """Also evaluate the mean-pose and other-song baselines on the held-out dances (metrics.json)."""
@@ -157,8 +163,10 @@ def apply_overrides(cfg: TrainConfig, overrides: dict, source: str) -> TrainConf
     new = {k: _coerce(k, v, source) for k, v in overrides.items()}
     cfg = dataclasses.replace(cfg, **new)
     cfg.model_config()  # validates the model fields
-    if cfg.energy_stat not in ("mean_abs", "std"):
-        raise ValueError(f"{source}: energy_stat={cfg.energy_stat!r}: choose 'mean_abs' or 'std'")
+    for key, allowed in (("energy_stat", ("mean_abs", "std")), ("budget_clock", ("wall", "cpu")),
+                         ("selection", ("calibrated", "raw"))):
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"{source}: {key}={getattr(cfg, key)!r}: choose one of {list(allowed)}")
     return cfg
 
 

@@ -220,14 +220,56 @@ def selection_score(m: dict) -> float:
             + max(0.0, math.log(max(m["jitter_ratio"], 1e-3) / 1.5)))
 
 
-def validate(model, mcfg, val: list[Seq], max_frames: int, pose_mean: np.ndarray) -> dict:
-    per = []
+def fit_output_stage(pairs: list[tuple[np.ndarray, np.ndarray]], mean: np.ndarray, max_gain: float,
+                     smooth: bool = True, gain: bool = True) -> dict:
+    """The output stage (one-pole low-pass, then a gain about `mean`) fitted to raw free-running
+    poses and their ground truth, pairs of (T, 28). For each low-pass coefficient the reachable
+    energy is min(1, e * max_gain, JITTER_CAP * e / j): the gain scales energy e and jitter j alike
+    and may raise jitter to JITTER_CAP x ground truth's. The best coefficient wins (ties: the least
+    smoothing, i.e. the least lag), then the gain that brings the joint-speed std to ground truth's
+    within that cap, clipped to [1, max_gain]."""
+    table = []
+    for a in (ALPHAS if smooth else (1.0,)):
+        qs = [quick_metrics(smooth_np(r, mean, a), gt, gt.mean(0)) for r, gt in pairs]
+        e = float(np.median([q["energy_ratio"] for q in qs]))
+        j = float(np.median([q["jitter_ratio"] for q in qs]))
+        reach = min(1.0, e * max_gain, JITTER_CAP * e / max(j, 1e-6)) if gain else -abs(math.log(max(e, 1e-3)))
+        table.append({"alpha": a, "energy_ratio": e, "jitter_ratio": j, "reach": reach})
+    best = max(table, key=lambda r: (round(r["reach"], 2), r["alpha"]))
+    e, j = best["energy_ratio"], best["jitter_ratio"]
+    g = float(np.clip(min(1.0 / max(e, 1e-3), JITTER_CAP / max(j, 1e-3)), 1.0, max_gain)) if gain else 1.0
+    return {"gain": g, "alpha": best["alpha"], "energy_ratio": e, "jitter_ratio": j, "alphas": table}
+
+
+def apply_output_stage(raw: np.ndarray, mean: np.ndarray, alpha: float, gain: float) -> np.ndarray:
+    """What the model's pose_smooth + pose_gain layers do, in numpy: (T, 28) -> (T, 28)."""
+    return mean + gain * (smooth_np(raw, mean, alpha) - mean)
+
+
+def validate(model, mcfg, val: list[Seq], max_frames: int, pose_mean: np.ndarray,
+             cfg: TrainConfig | None = None) -> dict:
+    """Free-running metrics on the held-out dances, and the model-selection score. With
+    cfg.selection == 'calibrated' (models with the fitted output stage) the score is that of the
+    output as it would ship: the low-pass and gain fitted to this epoch's raw output (on these
+    dances; it only ranks epochs, the shipped stage is fitted on training dances), so an epoch that
+    moves little but in the dancer's phase beats one that moves more out of phase, and an early,
+    near-frozen epoch no longer wins by raw MSE."""
+    per, pairs = [], []
     for s in val:
         T = len(s.x) if max_frames <= 0 else min(len(s.x), max_frames)
-        out = run_free(model, mcfg, s.x[:T])
-        per.append(quick_metrics(out[:, :N_POSE], s.pose[:T], pose_mean))
+        out = run_free(model, mcfg, s.x[:T])[:, :N_POSE]
+        per.append(quick_metrics(out, s.pose[:T], pose_mean))
+        pairs.append((out, s.pose[:T]))
     m = {k: float(np.mean([p[k] for p in per])) for k in per[0]}
     m["score"] = selection_score(m)
+    if cfg is not None and cfg.selection == "calibrated" and mcfg.kind == "ours" and mcfg.output_gain:
+        st = fit_output_stage(pairs, pose_mean, cfg.max_gain, mcfg.smooth, True)
+        cal = [quick_metrics(apply_output_stage(o, pose_mean, st["alpha"], st["gain"]), gt, pose_mean)
+               for o, gt in pairs]
+        cm = {k: float(np.mean([c[k] for c in cal])) for k in cal[0]}
+        m.update({f"cal_{k}": v for k, v in cm.items()}, cal_gain=st["gain"], cal_alpha=st["alpha"])
+        m["raw_score"] = m["score"]
+        m["score"] = selection_score(cm)
     return m
 
 
@@ -351,19 +393,24 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, train_dances=None,
         return parts
 
     budget_s = cfg.minutes * 60.0
+    cpu_clock = cfg.budget_clock == "cpu"
+
+    def spent() -> float:  # training time so far, on the clock the budget counts
+        return state.get("train_cpu_seconds", 0.0) if cpu_clock else state["train_seconds"]
+
     history = state["history"]
     stop_reason = "epochs"
     log.info("training %s: %d params, %d train / %d val dances, %d steps of %dx%d frames per epoch",
              mcfg.kind, n_params, len(train_seqs), len(val_seqs), steps_per_epoch, B, C)
     while state["epoch"] < epochs_total:
         epoch = state["epoch"]
-        if state["train_seconds"] >= budget_s:
+        if spent() >= budget_s:
             stop_reason = "time"
             break
         rng = np.random.default_rng([cfg.seed, epoch])
         p_tf = tf_prob(cfg, epoch) if (mcfg.kind == "ours" and mcfg.feedback) else 0.0
         batches = epoch_chunks(train_seqs, C, B, rng)
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), time.process_time()
         sums: dict[str, float] = {}
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs_total} tf={p_tf:.2f}", disable=not progress,
                    leave=False, mininterval=2.0)
@@ -375,16 +422,17 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, train_dances=None,
                 sums[k] = sums.get(k, 0.0) + float(v)
             n_done += 1
             bar.set_postfix(loss=f"{sums['loss'] / n_done:.4f}")
-            if state["train_seconds"] + time.monotonic() - t0 >= budget_s:
+            if spent() + (time.process_time() - c0 if cpu_clock else time.monotonic() - t0) >= budget_s:
                 break
         train_s = time.monotonic() - t0
         state["train_seconds"] += train_s
+        state["train_cpu_seconds"] = state.get("train_cpu_seconds", 0.0) + time.process_time() - c0
         rec = {"epoch": epoch + 1, "tf_prob": p_tf, "seconds": train_s, "steps": n_done,
                **{f"train_{k}": v / max(n_done, 1) for k, v in sums.items()}}
         t1 = time.monotonic()
         annealed = epoch + 1 >= cfg.ss_epochs or not (mcfg.kind == "ours" and mcfg.feedback)
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == epochs_total:
-            vm = validate(model, mcfg, val_seqs, cfg.val_max_frames, pose_mean)
+            vm = validate(model, mcfg, val_seqs, cfg.val_max_frames, pose_mean, cfg)
             rec.update({f"val_{k}": v for k, v in vm.items()})
             rec["val_seconds"] = time.monotonic() - t1
             better = state["best_score"] is None or vm["score"] < state["best_score"]
@@ -407,7 +455,7 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, train_dances=None,
         if state["bad_epochs"] >= cfg.patience:
             stop_reason = "early stopping"
             break
-        if state["train_seconds"] >= budget_s:
+        if spent() >= budget_s:
             stop_reason = "time"
             break
     if not (run / "model.weights.h5").exists():
@@ -415,7 +463,8 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, train_dances=None,
     model.load_weights(str(run / "model.weights.h5"))
     secs = [h["seconds"] for h in history if h.get("steps")]
     info = {"stop_reason": stop_reason, "epochs": state["epoch"], "best_epoch": state["best_epoch"],
-            "train_seconds": state["train_seconds"], "params": n_params,
+            "train_seconds": state["train_seconds"], "train_cpu_seconds": state.get("train_cpu_seconds"),
+            "budget_clock": cfg.budget_clock, "threads": cfg.threads, "params": n_params,
             "seconds_per_epoch": float(np.median(secs)) if secs else None,
             "frames_per_epoch": int(sum(len(s.x) for s in train_seqs)),
             "train_dances": len(train_seqs), "val_dances": len(val_seqs)}
@@ -480,11 +529,8 @@ ALPHAS = (1.0, 0.7, 0.5, 0.35, 0.25)  # output low-pass coefficients tried (1 = 
 
 
 def calibrate_gain(model, mcfg, train_seqs, cfg, max_dances: int = 10, max_frames: int = 1500) -> dict:
-    """Fit the output low-pass and gain on TRAINING dances only. The raw free-running poses are
-    generated once; for each smoothing coefficient the reachable energy is min(1, JITTER_CAP *
-    e / j) (the gain scales energy e and jitter j alike and may raise jitter to JITTER_CAP x
-    ground truth's, and at most cfg.max_gain); take the best coefficient, then the gain that brings the joint-speed std to
-    ground truth's within that cap, clipped to [1, cfg.max_gain]."""
+    """Fit the output low-pass and gain (fit_output_stage) on TRAINING dances only, from the raw
+    free-running poses generated once, and set the low-pass in the model (the caller sets the gain)."""
     if mcfg.output_gain:
         set_gain(model, 1.0)
     if mcfg.smooth:
@@ -496,22 +542,13 @@ def calibrate_gain(model, mcfg, train_seqs, cfg, max_dances: int = 10, max_frame
         raws.append((run_free(model, mcfg, s.x[:T])[:, :N_POSE], s.pose[:T]))
     if mean is None:
         mean = np.mean([p.mean(0) for _, p in raws], axis=0)
-    table = []
-    for a in (ALPHAS if mcfg.smooth else (1.0,)):
-        qs = [quick_metrics(smooth_np(r, mean, a), gt, gt.mean(0)) for r, gt in raws]
-        e = float(np.median([q["energy_ratio"] for q in qs]))
-        j = float(np.median([q["jitter_ratio"] for q in qs]))
-        reach = min(1.0, e * cfg.max_gain, JITTER_CAP * e / max(j, 1e-6)) if mcfg.output_gain else -abs(math.log(max(e, 1e-3)))
-        table.append({"alpha": a, "energy_ratio": e, "jitter_ratio": j, "reach": reach})
-    best = max(table, key=lambda r: (round(r["reach"], 2), r["alpha"]))
-    e, j = best["energy_ratio"], best["jitter_ratio"]
-    g = float(np.clip(min(1.0 / max(e, 1e-3), JITTER_CAP / max(j, 1e-3)), 1.0, cfg.max_gain)) if mcfg.output_gain else 1.0
+    st = fit_output_stage(raws, mean, cfg.max_gain, mcfg.smooth, mcfg.output_gain)
     if mcfg.smooth:
-        set_smoothing(model, best["alpha"])
+        set_smoothing(model, st["alpha"])
     log.info("output calibrated on %d training dances: alpha %.2f (energy %.3f, jitter %.3f) -> gain %.3f",
-             len(raws), best["alpha"], e, j, g)
-    return {"gain": g, "alpha": best["alpha"], "train_energy_ratio_before": e, "train_jitter_ratio_before": j,
-            "alphas": table, "dances": len(raws)}
+             len(raws), st["alpha"], st["energy_ratio"], st["jitter_ratio"], st["gain"])
+    return {"gain": st["gain"], "alpha": st["alpha"], "train_energy_ratio_before": st["energy_ratio"],
+            "train_jitter_ratio_before": st["jitter_ratio"], "alphas": st["alphas"], "dances": len(raws)}
 
 
 def upgrade_run(run_dir, **changes) -> None:
