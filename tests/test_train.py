@@ -64,6 +64,16 @@ def test_train_resume_generate(fake_root, tmp_path, monkeypatch):
     assert m3["training"] == m2["training"] and "calibration" in m3
     assert 1.0 <= m3["calibration"]["gain"] <= 3.0
 
+    # MSE at equal motion energy: the same fitted output stage for every model; absent runs left out.
+    from device.contract import DEFAULT_FEATURES
+    from trainer.experiments import matched_energy
+    from trainer.train import load_data
+
+    tr, va = load_data(cfg, DEFAULT_FEATURES, run)
+    me = matched_energy({"ours": run, "absent": tmp_path / "none"}, tr, va)
+    assert set(me) == {"ours"} and 1.0 <= me["ours"]["gain"] <= 10.0
+    assert np.isfinite(me["ours"]["mse"]) and me["ours"]["energy_ratio"] > 0
+
     # The reports read the run folder.
     from trainer.experiments import write_report, write_training_report, _row
 
