@@ -29,8 +29,10 @@ Per hop, from past audio only:
    beats look alike), with hysteresis. The downbeat is the bar position whose bass (Mel
    bands below ~200 Hz) is loudest, switched only for a `DOWNBEAT_SWITCH_DB` margin.
 
-`BeatTracker.process(mel (k, n_mels) int16) -> BeatFrames` (k hops), or `step(frame)` per
-hop. The trainer runs the same object over a whole file (`device.features.extract`), so
+`BeatTracker.process(mel (k, n_mels) int16) -> BeatFrames` (k hops), or `advance(mel)` and
+`state()` when only the state after the last hop is wanted (the feature framing). Step 1 runs
+vectorised over blocks of up to `BLOCK_HOPS` hops (it depends on the audio only), steps 2-4
+hop by hop. The trainer runs the same object over a whole file (`device.features.extract`), so
 offline = online. Constants below were tuned on synthesized drums and the 33 Music-to-Dance
 songs (agreement with madmom's online tracker, see docs/bench/beat.md).
 """
@@ -41,6 +43,7 @@ import logging
 import math
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from device.contract import DEFAULT_FEATURES, FeatureConfig
 
@@ -75,6 +78,7 @@ ACCENT_LOW_BANDS = 4     # Mel bands 0..3 (30 - ~200 Hz): their peak level at a 
 DOWNBEAT_SWITCH_DB = 1.0 # another bar position must be 1 dB louder in the bass to become the downbeat
 ACCENT_SMOOTH = 0.8      # per-visit decay of each bar position's accent average
 ACCENT_PRE, ACCENT_POST = 3, 5  # hops around a beat averaged into its accent vector
+BLOCK_HOPS = 16          # hops whose onset strengths are computed together (speed only; rings keep this slack)
 
 
 @dataclasses.dataclass
@@ -121,8 +125,23 @@ class BeatTracker:
         bpm = 60.0 * fr / lags
         self.log_prior = -0.5 * (np.log2(bpm / PRIOR_BPM) / PRIOR_OCTAVES) ** 2  # (n_lags,)
         self.cum_len = 2 * self.max_lag + 2  # cumulative-score history reaches back 2 periods
-        self.hist_len = self.acf_len + 1
+        self.hist_len = self.acf_len + 1  # onsets one autocorrelation update reads
         self.flux_len = 64  # hops of band levels kept for the beats' accent vectors
+        # Ring sizes: the hops a block writes ahead of the hop being processed must not overwrite
+        # what that hop still reads.
+        self.hist_ring = self.hist_len + BLOCK_HOPS
+        self.flux_ring = self.flux_len + BLOCK_HOPS
+        self.decay_full = np.repeat(self.decay2, self.acf_len + 1, axis=1)  # (2, acf_len + 1)
+        # Comb read-out of both autocorrelations (flattened, row r at offset r * (acf_len + 1)) in one
+        # gather: every harmonic's lag range padded to the widest by repeating its last lag (a max
+        # does not change), shape (2 * N_HARMONICS - 1, N_HARMONICS, 2, n_lags); the max is over axis 0.
+        width = 2 * N_HARMONICS - 1
+        padded = [np.pad(idx, ((0, 0), (0, width - idx.shape[1])), mode="edge") for idx in self.comb_idx]
+        comb = np.stack([idx.T for idx in padded], axis=1)  # (width, N_HARMONICS, n_lags)
+        self.comb_flat = comb[:, :, None] + (self.acf_len + 1) * np.arange(2)[None, None, :, None]
+        n_lags = len(lags)
+        self.comb_w = np.broadcast_to(np.array(COMB_WEIGHTS)[:, None, None], (N_HARMONICS, 2, n_lags)).copy()
+        self.log_prior2 = np.tile(self.log_prior, (2, 1))  # (2, n_lags)
         self.reset()
 
     def reset(self) -> None:
@@ -135,15 +154,17 @@ class BeatTracker:
         self.n_seen = 0
         # Doubled ring buffers: value i sits at i % R and i % R + R, so the last R values
         # are one contiguous slice buf[i % R + 1 : i % R + R + 1] (oldest .. newest).
-        self.hist = np.zeros(2 * self.hist_len)  # centred onset for the autocorrelation
         self.cum = np.zeros(2 * self.cum_len)    # cumulative beat score
         self.ons = np.zeros(2 * self.cum_len)    # normalized onset, same indexing
-        self.comp_hist = np.zeros((2 * self.flux_len, cfg.n_mels))  # compressed magnitudes
-        self.low = np.zeros(2 * self.flux_len)  # mean dB of the lowest Mel bands per hop
+        self.comp_hist = np.zeros((2 * self.flux_ring, cfg.n_mels))  # compressed magnitudes
+        self.low = np.zeros(2 * self.flux_ring)  # mean dB of the lowest Mel bands per hop
+        # Centred onset for the autocorrelation, newest first: value i at -i % R and -i % R + R,
+        # so hop i's window c(i), c(i - 1), .. c(i - acf_len) is one forward slice.
+        self.hist = np.zeros(2 * self.hist_ring)
         self.level_db = 0.0
         # exponentially weighted autocorrelations: long memory (tempo) and short (tempo changes)
         self.acf2 = np.zeros((2, self.acf_len + 1))
-        self.acf, self.acf_fast = self.acf2[0], self.acf2[1]  # views
+        self._views()
         self.fast_votes = 0
         self.period = 0.0  # beat period in hops, 0 = unknown
         self.cur_score = 0.0
@@ -162,90 +183,152 @@ class BeatTracker:
         self.downbeat = 0  # beat number mod meter that is the downbeat
         self.bar_beats = 4
 
+    def _views(self) -> None:
+        self.hist_windows = sliding_window_view(self.hist, self.hist_len)  # (2R - acf_len, acf_len + 1)
+        self.acf, self.acf_fast = self.acf2[0], self.acf2[1]
+        self.acf_flat = self.acf2.reshape(-1)
+
+    def __setstate__(self, state: dict) -> None:  # a copy or unpickled tracker: views into its own arrays
+        self.__dict__.update(state)
+        self._views()
+
     # -- set-up of the period-dependent transition window ------------------------------
     def _set_window(self, period: float) -> None:
         if period <= 0:
             self.v_lo = self.v_hi = 0
             self.w1 = np.zeros(0)
+            self.w_tmp = np.zeros(0)
             return
         self.v_lo = max(1, int(round(period / 2)))
         self.v_hi = min(self.cum_len - 1, int(round(2 * period)))
         v = np.arange(self.v_hi, self.v_lo - 1, -1)  # oldest .. newest
         self.w1 = np.exp(-0.5 * (CUM_TIGHTNESS * np.log(v / period)) ** 2)
+        self.w_tmp = np.empty_like(self.w1)
 
-    # -- per hop -------------------------------------------------------------------------
+    # -- per block of hops -----------------------------------------------------------------
     def process(self, mel: np.ndarray) -> BeatFrames:
         mel = np.asarray(mel)
         assert mel.ndim == 2 and mel.shape[1] == self.cfg.n_mels, f"mel must be (k, {self.cfg.n_mels}), got {mel.shape}"
         k = mel.shape[0]
-        bpm = np.zeros(k, np.float32)
-        phase = np.zeros(k, np.float32)
-        bar_phase = np.zeros(k, np.float32)
-        meter = np.zeros(k, np.int8)
         onset = np.zeros(k, np.float32)
         is_beat = np.zeros(k, bool)
-        next_in = np.zeros(k, np.float32)
-        beats = []
+        beats, states = [], []
         m64 = mel.astype(np.float64)
-        for j in range(k):
-            bpm[j], phase[j], bar_phase[j], meter[j], onset[j], beat, next_in[j] = self.step(m64[j])
-            if beat is not None:
-                is_beat[j] = True
+        for s in range(0, k, BLOCK_HOPS):
+            ons, raised = self._block(m64[s: s + BLOCK_HOPS], states)
+            onset[s: s + len(ons)] = ons
+            for j, beat in raised:
+                is_beat[s + j] = True
                 beats.append(beat)
-        return BeatFrames(bpm, phase, bar_phase, meter, onset, is_beat, next_in, np.asarray(beats, np.float64))
+        st = np.array(states, np.float64).reshape(k, 5)  # bpm, phase, bar_phase, meter, next_beat_in
+        return BeatFrames(st[:, 0].astype(np.float32), st[:, 1].astype(np.float32), st[:, 2].astype(np.float32),
+                          st[:, 3].astype(np.int8), onset, is_beat, st[:, 4].astype(np.float32),
+                          np.asarray(beats, np.float64))
+
+    def advance(self, mel: np.ndarray) -> tuple[list[float], list[float]]:
+        """Run k hops, mel (k, n_mels) holding the Q7.8 integers (any dtype): (the k normalized onset
+        strengths, the times of the beats raised in them). `state()` is the state after the last hop."""
+        m64 = np.asarray(mel, np.float64)
+        onsets, beats = [], []
+        for s in range(0, len(m64), BLOCK_HOPS):
+            ons, raised = self._block(m64[s: s + BLOCK_HOPS], None)
+            onsets += ons
+            beats += [b for _, b in raised]
+        return onsets, beats
 
     def step(self, frame: np.ndarray) -> tuple[float, float, float, int, float, float | None, float]:
-        """One hop, frame (n_mels,) float64 holding the Q7.8 integers: (bpm, phase, bar_phase,
-        meter, onset, time of the beat raised in this hop or None, next_beat_in)."""
-        o, beat = self._hop(frame)
-        bpm, ph, bar, meter, nxt = self._state()
-        return bpm, ph, bar, meter, o, beat, nxt
+        """One hop, frame (n_mels,) holding the Q7.8 integers: (bpm, phase, bar_phase, meter, onset,
+        time of the beat raised in this hop or None, next_beat_in)."""
+        ons, raised = self._block(np.asarray(frame, np.float64)[None], None)
+        bpm, ph, bar, meter, nxt = self.state()
+        return bpm, ph, bar, meter, ons[0], raised[0][1] if raised else None, nxt
 
-    def _hop(self, frame: np.ndarray) -> tuple[float, float | None]:
-        self.t += 1
-        t = self.t
-        # 1. onset strength: flux of log(1 + g * magnitude re the running level)
-        peak_db = int(frame.max()) / 256.0
-        if self.prev is None:
-            self.level_db = peak_db
-        self.level_db += self.level_a * (peak_db - self.level_db)
+    def _block(self, m64: np.ndarray, states: list | None) -> tuple[list[float], list[tuple[int, float]]]:
+        """Hops t + 1 .. t + k, m64 (k <= BLOCK_HOPS, n_mels) float64: (onsets, [(hop in block, beat time)]);
+        appends each hop's state() to `states` unless None."""
+        k = len(m64)
+        assert k <= BLOCK_HOPS
+        t0 = self.t + 1
+        o, c = self._onsets(m64)  # (k,) lists
+        # 2. autocorrelation of the centred onset: window products of all k hops at once; the updates
+        # stay per hop (a tempo read-out between them may reset the long memory).
+        _ring_put(self.hist, self.hist_ring, -(t0 + k - 1), c[::-1])  # newest first
+        last = -(t0 + k - 1) % self.hist_ring  # hop t0 + j's window starts at last + (k - 1 - j)
+        win = self.hist_windows[last: last + k][::-1]  # (k, acf_len + 1) newest .. oldest
+        prod = np.asarray(c)[:, None, None] * win[:, None, :]  # (k, 2, acf_len + 1): c(t) c(t - L), both memories
+        raised = []
+        acf2, decay = self.acf2, self.decay_full
+        for j in range(k):
+            self.t = t = t0 + j
+            acf2 *= decay
+            acf2 += prod[j]  # acf[L] += c(t) c(t - L)
+            if t >= self.warmup and t % TEMPO_EVERY == 0:
+                self._update_tempo()
+            beat_time = self._beat_hop(t, o[j])
+            if beat_time is not None:
+                raised.append((j, beat_time))
+            if self.pending_accents and t >= self.pending_accents[0][1] + ACCENT_POST:
+                self._update_accents()
+            if states is not None:
+                states.append(self.state())
+        return o, raised
+
+    def _onsets(self, m64: np.ndarray) -> tuple[list[float], list[float]]:
+        """1. onset strength of k hops: flux of log(1 + g * magnitude re the running level).
+        Returns the normalized onsets and their centred values; stores the compressed magnitudes
+        and the low-band levels for the accent vectors."""
+        k = len(m64)
+        t0 = self.t + 1
+        first = self.prev is None
+        level, offs = self.level_db, np.empty(k)
+        for j, peak in enumerate(m64.max(axis=1).tolist()):
+            peak_db = int(peak) / 256.0
+            if first and j == 0:
+                level = peak_db
+            level += self.level_a * (peak_db - level)
+            offs[j] = self.log2_gain - level * self.db_to_log2
+        self.level_db = level
         # g * amplitude re level = 2 ** (q78 * q78_to_log2 - level_db * log2(10) / 20 + log2(g))
-        comp = np.log1p(np.exp2(frame * self.q78_to_log2 + (self.log2_gain - self.level_db * self.db_to_log2)))  # (n_mels,)
-        if self.prev is None:
-            diff = np.zeros_like(comp)
+        ext = np.empty((k + 1, m64.shape[1]))  # the previous hop's magnitudes, then this block's
+        comp = ext[1:]
+        np.multiply(m64, self.q78_to_log2, out=comp)
+        comp += offs[:, None]
+        np.exp2(comp, out=comp)
+        np.log1p(comp, out=comp)  # (k, n_mels)
+        if first:
+            ext[0] = comp[0]  # no flux at the first hop
         else:
-            diff = np.maximum(comp - self.prev, 0.0)  # (n_mels,)
-        self.prev = comp
-        fi = t % self.flux_len
-        self.comp_hist[fi] = comp
-        self.comp_hist[fi + self.flux_len] = comp
-        low = float(frame[:ACCENT_LOW_BANDS].sum()) * self.low_scale  # mean dB of the low bands
-        self.low[fi] = low
-        self.low[fi + self.flux_len] = low
-        raw = float(diff.sum()) / self.cfg.n_mels
-        if self.n_seen == 0:
-            self.o_mean = raw
-        self.n_seen += 1
-        dev = raw - self.o_mean
-        self.o_mean += self.mean_a * dev
-        self.o_var += self.sd_a * (dev * dev - self.o_var)
-        o = min(ONSET_MAX, max(0.0, dev) / (math.sqrt(self.o_var) + ONSET_SD_FLOOR))
-        # 2. autocorrelation of the centred onset
-        c = o - self.c_mean
-        self.c_mean += self.mean_a * (o - self.c_mean)
-        hi = t % self.hist_len
-        self.hist[hi] = c
-        self.hist[hi + self.hist_len] = c
-        recent = self.hist[hi + 1: hi + self.hist_len + 1]  # (acf_len + 1,) oldest .. newest
-        self.acf2 *= self.decay2
-        self.acf2 += c * recent[::-1]  # acf[L] += c(t) c(t - L) in both memories
-        if t >= self.warmup and t % TEMPO_EVERY == 0:
-            self._update_tempo()
-        # 3. cumulative beat score
+            ext[0] = self.prev
+        diff = np.subtract(comp, ext[:-1])
+        np.maximum(diff, 0.0, out=diff)  # (k, n_mels)
+        self.prev = comp[-1]
+        raw = (diff.sum(axis=1) / self.cfg.n_mels).tolist()
+        _ring_put(self.comp_hist, self.flux_ring, t0, comp)
+        _ring_put(self.low, self.flux_ring, t0, m64[:, :ACCENT_LOW_BANDS].sum(axis=1) * self.low_scale)  # mean dB
+        onsets, centred = [], []
+        mean_a, sd_a = self.mean_a, self.sd_a
+        o_mean, o_var, c_mean = self.o_mean, self.o_var, self.c_mean
+        for r in raw:
+            if self.n_seen == 0:
+                o_mean = r
+            self.n_seen += 1
+            dev = r - o_mean
+            o_mean += mean_a * dev
+            o_var += sd_a * (dev * dev - o_var)
+            o = min(ONSET_MAX, max(0.0, dev) / (math.sqrt(o_var) + ONSET_SD_FLOOR))
+            centred.append(o - c_mean)
+            c_mean += mean_a * (o - c_mean)
+            onsets.append(o)
+        self.o_mean, self.o_var, self.c_mean = o_mean, o_var, c_mean
+        return onsets, centred
+
+    def _beat_hop(self, t: int, o: float) -> float | None:
+        """3. cumulative beat score of hop t; predicts and raises beats: the time of a beat raised now, or None."""
         ci = t % self.cum_len
         if self.period > 0:
             past = self.cum[ci + self.cum_len - self.v_hi: ci + self.cum_len - self.v_lo + 1]
-            score = (1 - CUM_ALPHA) * o + CUM_ALPHA * float((past * self.w1).max())
+            np.multiply(past, self.w1, out=self.w_tmp)
+            score = (1 - CUM_ALPHA) * o + CUM_ALPHA * float(np.maximum.reduce(self.w_tmp))
         else:
             score = o
         self.cum[ci] = score
@@ -258,27 +341,37 @@ class BeatTracker:
                 self._predict_next()
             if self.next_beat is not None and t >= self.next_beat - LATENCY_HOPS:
                 beat_time = self._raise_beat()
-        self._update_accents()
-        return o, beat_time
+        return beat_time
 
-    def _score(self, a: np.ndarray) -> np.ndarray | None:
-        """Log comb score + log prior per candidate lag, None while the autocorrelation is empty."""
-        s = np.zeros(len(self.lags))
-        for w, idx in zip(COMB_WEIGHTS, self.comb_idx):
-            s += w * a[idx].max(axis=1)
-        peak = float(s.max())
-        if peak <= 0:
-            return None
-        return np.log(np.maximum(s / peak, 1e-6)) + self.log_prior  # (n_lags,)
+    def _scores(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Log comb score + log prior per candidate lag (n_lags,) of the long and the short
+        autocorrelation; None for one that is still empty."""
+        peaks = np.maximum.reduce(np.take(self.acf_flat, self.comb_flat), axis=0)  # (N_HARMONICS, 2, n_lags)
+        peaks *= self.comb_w
+        s = np.zeros(peaks.shape[1:])  # (2, n_lags)
+        for h in range(N_HARMONICS):
+            s += peaks[h]  # sum of w * max over each harmonic's lags, in harmonic order
+        top = s.max(axis=1).tolist()
+        if min(top) > 0:
+            s /= np.array(top)[:, None]
+            np.maximum(s, 1e-6, out=s)
+            np.log(s, out=s)
+            s += self.log_prior2
+            return s[0], s[1]
+        return tuple(None if p <= 0 else np.log(np.maximum(row / p, 1e-6)) + self.log_prior
+                     for row, p in zip(s, top))
 
     def _near(self, s: np.ndarray, period: float) -> int:
-        lo = np.searchsorted(self.lags, period * (1 - TEMPO_FOLLOW))
-        hi = np.searchsorted(self.lags, period * (1 + TEMPO_FOLLOW), side="right")
+        # lags are the integers min_lag .. max_lag: index of the first lag >= x is ceil(x) - min_lag
+        # (searchsorted left), of the first lag > x floor(x) + 1 - min_lag (right), clipped to 0 .. n_lags.
+        n = len(self.lags)
+        lo = min(max(math.ceil(period * (1 - TEMPO_FOLLOW)) - self.min_lag, 0), n)
+        hi = min(max(math.floor(period * (1 + TEMPO_FOLLOW)) + 1 - self.min_lag, 0), n)
         hi = max(hi, lo + 1)
         return lo + int(np.argmax(s[lo:hi]))
 
     def _update_tempo(self) -> None:
-        s = self._score(self.acf)
+        s, sf = self._scores()
         if s is None:
             return
         best = int(np.argmax(s))
@@ -288,7 +381,6 @@ class BeatTracker:
                 best = near
             # Tempo change: the short-memory autocorrelation has clearly and steadily moved
             # elsewhere; take its tempo and let the long one start over from it.
-            sf = self._score(self.acf_fast)
             if sf is not None:
                 fb = int(np.argmax(sf))
                 moved = abs(self.lags[fb] - self.lags[best]) > TEMPO_FOLLOW * self.lags[best]
@@ -322,11 +414,22 @@ class BeatTracker:
         n, ci = self.cum_len, self.t % self.cum_len
         ons = self.ons[ci + 1: ci + n + 1]  # oldest .. now
         buf = ons.copy()
-        for x in range(self.v_hi, n):
-            buf[x] = (1 - CUM_ALPHA) * ons[x] + CUM_ALPHA * float(np.max(buf[x - self.v_hi: x - self.v_lo + 1] * self.w1))
+        self._project(buf, self.v_hi, n, ons)
         idx = np.arange(self.t - n + 1, self.t + 1) % n  # ring positions of those hops
         self.cum[idx] = buf
         self.cum[idx + n] = buf
+
+    def _project(self, buf: np.ndarray, x0: int, x1: int, ons: np.ndarray | None = None) -> None:
+        """buf[x] = (1 - a) ons[x] + a max_v W(v) buf[x - v], v in [v_lo, v_hi], for x = x0 .. x1 - 1
+        (no onset term when ons is None). Runs of v_lo hops read only earlier hops: one numpy step each."""
+        win = sliding_window_view(buf, len(self.w1))  # row y: buf[y : y + v_hi - v_lo + 1]
+        for x in range(x0, x1, self.v_lo):
+            n = min(self.v_lo, x1 - x)
+            best = (win[x - self.v_hi: x - self.v_hi + n] * self.w1).max(axis=1)  # (n,)
+            if ons is None:
+                buf[x: x + n] = CUM_ALPHA * best
+            else:
+                buf[x: x + n] = (1 - CUM_ALPHA) * ons[x: x + n] + CUM_ALPHA * best
 
     def _predict_next(self) -> None:
         """Project the cumulative score one period ahead and put the next beat at its peak."""
@@ -336,9 +439,7 @@ class BeatTracker:
         buf = np.empty(self.cum_len + n_future)
         buf[:self.cum_len] = self.cum[ci + 1: ci + self.cum_len + 1]  # oldest .. now
         now = self.cum_len - 1
-        for i in range(1, n_future + 1):
-            x = now + i
-            buf[x] = CUM_ALPHA * float(np.max(buf[x - self.v_hi: x - self.v_lo + 1] * self.w1))
+        self._project(buf, now + 1, now + n_future + 1)
         future = buf[now + 1:]  # (n_future,) hops t+1 .. t+n_future
         expected = (self.last_beat + p - t) if self.last_beat is not None else p / 2
         d = np.arange(1, n_future + 1)
@@ -360,11 +461,12 @@ class BeatTracker:
             n, b = self.pending_accents.pop(0)
             if b - ACCENT_PRE <= t - self.flux_len:
                 continue
-            fi = t % self.flux_len
+            end = t % self.flux_ring + self.flux_ring + 1
+            recent = slice(end - self.flux_len, end)  # the last flux_len hops, oldest .. now
             lo = self.flux_len - 1 - (t - (b - ACCENT_PRE))  # window in the oldest .. now slices
             hi = self.flux_len - 1 - (t - (b + ACCENT_POST)) + 1
-            vec = self.comp_hist[fi + 1: fi + self.flux_len + 1][lo:hi].mean(axis=0)  # (n_mels,)
-            bass = float(self.low[fi + 1: fi + self.flux_len + 1][lo:hi].max())  # dB
+            vec = self.comp_hist[recent][lo:hi].mean(axis=0)  # (n_mels,)
+            bass = float(self.low[recent][lo:hi].max())  # dB
             self._meter_update(n, vec, bass)
 
     def _meter_update(self, n: int, vec: np.ndarray, bass: float) -> None:
@@ -399,7 +501,7 @@ class BeatTracker:
             self.downbeat = best
         self.bar_beats = m
 
-    def _state(self) -> tuple[float, float, float, int, float]:
+    def state(self) -> tuple[float, float, float, int, float]:
         """bpm, phase, bar_phase, meter, next_beat_in (s) after the current hop."""
         if self.period <= 0:
             return 0.0, 0.0, 0.0, 0, 0.0
@@ -419,6 +521,18 @@ class BeatTracker:
             in_bar = ((self.beat_count - 1) - self.downbeat) % m
         bar = (in_bar + ph) / m
         return 60.0 * self.fr / p, ph, bar, self.meter, (nxt - t) / self.fr
+
+
+def _ring_put(buf: np.ndarray, ring: int, start: int, values: np.ndarray) -> None:
+    """Store values[i] as entry start + i of a doubled ring buffer (entry j at j % ring and j % ring + ring)."""
+    p = start % ring
+    n = min(len(values), ring - p)
+    buf[p: p + n] = values[:n]
+    buf[p + ring: p + ring + n] = values[:n]
+    if n < len(values):  # wrapped around
+        rest = len(values) - n
+        buf[:rest] = values[n:]
+        buf[ring: ring + rest] = values[n:]
 
 
 def track(mel: np.ndarray, cfg: FeatureConfig = DEFAULT_FEATURES) -> BeatFrames:

@@ -141,20 +141,26 @@ class FeatureExtractor:
         m = self.cfg.n_mels
         x = np.empty((n, self.n_feat), np.float32)
         pooled = np.empty((n, m), np.float32)
-        cols = np.empty((7, n), np.float64)  # bpm, phase, bar_phase, meter, onset, is_beat, next_beat_in
+        cols = np.empty((5, n), np.float32)  # bpm, phase, bar_phase, onset, next_beat_in
+        meters = np.empty(n, np.int8)
+        is_beat = np.empty(n, bool)
         beats = []
         mel64 = mel.astype(np.float64)
-        i = 0
-        for j in range(k):
-            bpm, ph, bar, meter, onset, beat, nxt = self.tracker.step(mel64[j])
-            self.mel_sum += mel64[j]
-            self.onset_max = max(self.onset_max, onset)
-            if beat is not None:
+        i = j = 0
+        while j < k:  # the hops of the current pose frame that this chunk holds
+            part = mel64[j: j + self.hops - self.hop_in_frame]
+            onsets, raised = self.tracker.advance(part)
+            self.mel_sum += part.sum(axis=0)  # integers: exact in any order
+            self.onset_max = max(self.onset_max, *onsets)
+            if raised:
                 self.any_beat = True
-                beats.append(beat)
-            self.hop_in_frame += 1
+                beats += raised
+            self.hop_in_frame += len(part)
+            j += len(part)
             if self.hop_in_frame == self.hops:
-                cols[:, i] = (bpm, ph, bar, meter, self.onset_max, self.any_beat, nxt)
+                bpm, ph, bar, meter, nxt = self.tracker.state()
+                cols[:, i] = (bpm, ph, bar, self.onset_max, nxt)
+                meters[i], is_beat[i] = meter, self.any_beat
                 self._frame(x[i], pooled[i], bpm, ph, bar, meter)
                 self.hop_in_frame = 0
                 self.mel_sum[:] = 0.0
@@ -162,9 +168,8 @@ class FeatureExtractor:
                 self.any_beat = False
                 i += 1
         assert i == n
-        return FeatureFrames(x, cols[0].astype(np.float32), cols[1].astype(np.float32), cols[2].astype(np.float32),
-                             cols[3].astype(np.int8), cols[4].astype(np.float32), cols[5] > 0.5,
-                             cols[6].astype(np.float32), np.asarray(beats, np.float64), pooled)
+        return FeatureFrames(x, cols[0], cols[1], cols[2], meters, cols[3], is_beat, cols[4],
+                             np.asarray(beats, np.float64), pooled)
 
     def _frame(self, x: np.ndarray, pooled: np.ndarray, bpm: float, ph: float, bar: float, meter: int) -> None:
         """Fill one row of x (F,) and of the pooled Mel (n_mels,) from the finished frame."""
@@ -178,15 +183,16 @@ class FeatureExtractor:
         ref = self.loud_sum / self.loud_weight if self.loud_weight > 0 else loud
         mel_db -= ref + self.mel_off
         mel_db *= self.mel_inv_scale
-        np.clip(mel_db, -1.0, 1.0, out=x[:m])
+        np.maximum(mel_db, -1.0, out=mel_db)  # clip to [-1, 1]
+        np.minimum(mel_db, 1.0, out=mel_db)
+        x[:m] = mel_db
         raw = (self.onset_max,
                math.sin(2 * math.pi * ph), math.cos(2 * math.pi * ph),
                math.sin(2 * math.pi * bar), math.cos(2 * math.pi * bar),
                math.log2(bpm / TEMPO_REF_BPM) if bpm > 0 else 0.0,
                1.0 if self.any_beat else 0.0,
                float(meter) if meter > 0 else 3.5)
-        for j, (v, (off, sc)) in enumerate(zip(raw, self.beat_scale)):
-            x[m + j] = min(1.0, max(-1.0, (v - off) / sc))
+        x[m:] = [min(1.0, max(-1.0, (v - off) / sc)) for v, (off, sc) in zip(raw, self.beat_scale)]
 
 
 def extract(pcm: np.ndarray, cfg: FeatureConfig = DEFAULT_FEATURES) -> FeatureFrames:

@@ -1,6 +1,7 @@
 """Fixed-point log-Mel frontend: int16 PCM in, int16 log-Mel (dB re full scale, Q7.8) out.
 
-Integer arithmetic only, every stage vectorised over a block of frames:
+Integer arithmetic (see "Implementation" for how numpy holds the integers), every stage
+vectorised over a block of frames:
 
     int16 frame ─► Q15 Hann window ─► per-frame block exponent (leading-zero count)
                 ─► radix-2 FFT (N/2-point complex, Q15 twiddles) ─► real-FFT split
@@ -13,10 +14,9 @@ device.frontend_ref; its docstring says what 0 dB means. Frame i analyses sample
 
 Every frame carries its own exponent, so a frame's output depends on its own samples only:
 streaming in any chunk sizes and batch (`log_mel`) are bit-identical. Setup precomputes every
-table (permuted window, gather index, twiddles, filter spans, log table) and a fixed sample
-buffer; processing allocates only numpy's per-block temporaries. A block of k frames is one
-(2, k, M) array (real/imaginary planes), so the device's 640-sample chunks (4 frames) and the
-batch path's 128-frame blocks run the same vectorised code.
+table (window, gather index, twiddles, filter spans, log table) and a fixed sample buffer; the
+work buffers for a block of k frames are made once per k (`_Plan`), so the device's 640-sample
+chunks (4 frames) and the batch path's 128-frame blocks run the same vectorised code.
 
 Numbers, for the default config (n_fft N = 512 = 2**9, M = N / 2 = 256 complex points):
 
@@ -45,6 +45,19 @@ Numbers, for the default config (n_fft N = 512 = 2**9, M = N / 2 = 256 complex p
            dB_q8 = ((b - 1 + 2e - LOG2_OFFSET) * DB_PER_LOG2 + LUT_DB[mant] + 2**15) >> 16.
            |b - 1 + 2e - 118| < 128, so the products stay below 2**33 (int64).
   floor    max(dB_q8, round(floor_db * 2**8)). Silence (Mel 0, clamped to 2**16) needs no special case.
+
+Implementation. Up to the power, numpy holds these integers in float64 (complex128 in the FFT):
+every value and product there has at most 48 significant bits (|x * w_q15| <= 2**30, butterflies
+< 2**30 and split terms < 2**31 times a Q15 twiddle), so float64 arithmetic on them is exact, a
+product with the twiddle (c - j s) / 2**15 is the Q15 product before its shift, and floor(y + 1/2)
+is the rounding shift (y * 2**15 + 2**14) >> 15. Power, Mel and log are int64. The FFT runs in
+constant geometry (Pease): every stage pairs the first half of its input with the second half
+and writes a + t, a - t to the even and odd outputs, so each numpy call sees 1-D operands (the
+fast path; a block of 4 frames is 1024 values and costs little more than the call itself). Its
+values are those of the radix-2 decimation in time above, in a different memory order: stage s
+(half-size h = 2**s) reads X_h[q, c] of frame f, the h-point DFT at q of z[c::M/h], at
+(c * k + f) * h + bitrev_s(q) (stage 0: the windowed frames, in (f, c) order) and pairs c with
+c + M / 2h; the output Z_q of frame f sits at f * M + bitrev(q).
 """
 from __future__ import annotations
 
@@ -64,9 +77,9 @@ MEL_SHIFT = 15  # P_k >> 15 before the Q15 filterbank MAC: keeps every Mel sum b
 LUT_BITS = 12  # log2 table: the mantissa's top 12 fraction bits index it (4096 entries)
 DB_PER_LOG2 = round(10.0 * math.log10(2.0) * (1 << 24))  # 50504987: dB per octave of power, Q7.8 * 2**16
 MEL_MIN = 1 << 16  # Mel values are clamped up to this before the log (all below the floor, see setup)
-EARLY = 8  # the FFT's first log2(EARLY) stages run on a transposed layout (speed only)
-BLOCK_FRAMES = 128  # frames per vectorised block in batch use: (128, 2, 256) int64 = 0.5 MB
+BLOCK_FRAMES = 32  # frames per vectorised block in batch use: about 60 kB of tables and buffers per frame
 _POW2 = np.array([1 << i for i in range(63)], dtype=np.int64)  # bitlen(x) = searchsorted(_POW2, x, 'right')
+_HALF = np.array(0.5)  # 0-d: numpy converts a Python float operand on every call
 
 
 def _bitlen(x: np.ndarray) -> np.ndarray:
@@ -86,6 +99,60 @@ def _q15(x: np.ndarray) -> np.ndarray:
     return np.round(np.asarray(x) * ONE_Q15).astype(np.int64)
 
 
+class _Plan:
+    """Tables and work buffers for a block of k frames, made once per k: `Frontend._frames` only fills them."""
+
+    def __init__(self, fe: "Frontend", k: int):
+        n_fft, m, n_used, n_mels = fe.n_fft, fe.m, fe._n_used, fe.n_mels
+        n = m * k  # complex values in the block
+        # Frame f is buf[f * hop : f * hop + n_fft]: a strided view, z_c = x_2c + j x_2c+1 in natural order.
+        step = fe._buf.strides[0]
+        self.frames = np.lib.stride_tricks.as_strided(fe._buf, (k, n_fft), (fe.hop * step, step), writeable=False)
+        self.win = np.tile(fe.window_q15.astype(np.float64), (k, 1))  # (k, N)
+        self.x = np.empty((k, n_fft))
+        self.absx = np.empty((k, n_fft))
+        self.peak = np.empty(k)  # max |x| per frame
+        self.frac, self.e = np.empty(k), np.empty(k, np.int32)  # frexp: peak = frac * 2**e, e = bitlen
+        self.scale = np.empty(k)  # 2**(V - e)
+        self.scale2 = self.scale[:, None]
+        self.ce = np.empty(k, np.int64)  # the dB sum's per-frame constant, from e
+        self.ce2 = self.ce[:, None]
+        # FFT stages (see the module docstring): (a, b, twiddles or None for W = 1, rounded?, even out, odd out).
+        # The first reads the frames in (f, c) order; its outputs, and all later ones, are in (c, f, ...) order.
+        self.t = np.empty(n // 2, np.complex128)
+        self.t_f = self.t.view(np.float64)
+        xc = self.x.view(np.complex128)  # (k, M)
+        pingpong = [np.empty(n, np.complex128) for _ in range(2)]
+        y = pingpong[0].reshape(m // 2, k, 2).transpose(2, 1, 0)  # [u, f, c]
+        self.stages = [(xc[:, : m // 2], xc[:, m // 2:], None, False, y[0], y[1])]
+        src = pingpong[0]
+        for i, (w, rounded) in enumerate(fe._twiddles[1:], 1):
+            dst = pingpong[i % 2]
+            self.stages.append((src[: n // 2], src[n // 2:], None if w is None else w[: n // 2], rounded,
+                                dst[0::2], dst[1::2]))
+            src = dst
+        self.z = src  # Z_q of frame f at f * M + bitrev(q)
+        # Real-FFT split over the used bins k0 .. k1 - 1: gather Z_k and Z_{M-k} in (k, n_used) order.
+        self.za_idx = np.arange(k)[:, None] * m + fe._za_pos  # (k, n_used)
+        self.zr_idx = np.arange(k)[:, None] * m + fe._zr_pos
+        self.za = np.empty((k, n_used), np.complex128)
+        self.zb = np.empty((k, n_used), np.complex128)  # Z_{M-k}, then conj(Z_{M-k})
+        self.d = np.empty((k, n_used), np.complex128)
+        self.d_f = self.d.view(np.float64)
+        self.f = np.empty((k, n_used), np.complex128)
+        self.f_planes = self.f.view(np.float64).reshape(k, n_used, 2).transpose(2, 0, 1)  # [re, im]
+        self.f_int = np.empty((2, k, n_used), np.int64)
+        self.p = np.empty((k, n_used), np.int64)
+        self.rise = np.tile(fe.rise_q15, (k, 1))  # (k, n_used)
+        self.fall = np.tile(fe.fall_q15, (k, 1))
+        self.p_rise = np.empty((k, n_used), np.int64)
+        self.p_fall = np.empty((k, n_used), np.int64)
+        self.mel_rise = np.empty((k, n_mels), np.int64)
+        self.mel = np.empty((k, n_mels), np.int64)
+        self.shift = np.empty((k, n_mels), np.int64)
+        self.lut = np.empty((k, n_mels), np.int64)
+
+
 class Frontend:
     """Streaming fixed-point log-Mel. `process` takes int16 chunks of any length.
 
@@ -102,49 +169,44 @@ class Frontend:
         self.m = m
         self.data_bits = 30 - self.log2_n  # V: |v| <= 2**V keeps |F_k| <= 2**31
         assert self.data_bits >= 16, f"n_fft {n} too large for a 16-bit input with 31-bit FFT data"
+        assert m >= 2, f"n_fft {n} too small"
         self.log2_offset = 58 + 2 * self.data_bits + 2 * self.log2_n  # 118 for n_fft 512
         self.floor_q8 = int(round(cfg.floor_db * (1 << cfg.log_frac_bits)))
         assert cfg.log_frac_bits == 8, "the dB conversion below is derived for Q7.8 output"
-
-        # Framing: frame j of a block gathers buf[j * hop + PERM]; PERM holds the even samples
-        # (real parts of z) and the odd ones (imaginary parts) in bit-reversed order: a (2, k, M) layout.
-        # The first stages (butterflies within 8-point groups) run on the transposed layout
-        # (2, k, 8, M / 8) so numpy's inner loops are M / 8 long rather than 1, 2 or 4.
-        assert m % EARLY == 0, f"n_fft {n} must be at least {2 * EARLY}"
-        br = _bitrev(self.log2_n - 1)
-        fft_order = np.stack([2 * br, 2 * br + 1])  # (2, M)
-        self._perm = fft_order.reshape(2, m // EARLY, EARLY).transpose(0, 2, 1).reshape(2, 1, m)  # (2, 1, M)
-        # Window in Q15, pre-shifted by V so one rounding right shift by e normalises the frame.
         self.window_q15 = _q15(hann(n))  # (N,) <= 32768
-        self._win = (self.window_q15 << self.data_bits)[self._perm]  # (2, 1, M) permuted, Q(15 + V)
 
-        # Radix-2 stages: for half-size h the twiddles W_2h^j = c - j s, j < h, in Q15.
-        self._early_stages, self._stages = [], []
+        # Radix-2 stages: for half-size h the twiddles W_2h^q = c - j s, q < h, in Q15, held as
+        # (c - j s) / 2**15 so that the product b * W is the Q15 product before its rounding shift.
+        # Stage s (h = 2**s) reads position i of its second half with q = bitrev_s(i mod h): the
+        # pattern repeats every h values, so one table of block_frames * M / 2 serves every block size.
+        self._twiddles = []  # (twiddle per position, or None for W = 1; rounded?)
         h = 1
         while h < m:
             ang = np.pi * np.arange(h) / h
-            c, s = _q15(np.cos(ang)), _q15(np.sin(ang))
-            if h < EARLY:  # twiddles along the r axis of (2, k, g, h, M / 8)
-                self._early_stages.append((h, c[:, None], np.stack([s, -s])[:, None, None, :, None]))
-            else:
-                self._stages.append((h, c, np.stack([s, -s])[:, None, :]))  # (h,), (2, 1, h)
+            w = _q15_twiddle(_q15(np.cos(ang)), _q15(np.sin(ang)))[_bitrev(h.bit_length() - 1)]  # (h,)
+            if h == 1:
+                w = None  # W = 1: t = b
+            elif h == 2:
+                w = np.array([1, -1j])  # W = 1, -j: exact, no rounding
+            if w is not None:
+                w = np.tile(w, block_frames * m // (2 * h))  # (block_frames * M / 2,)
+            self._twiddles.append((w, h > 2))
             h *= 2
-        # Real-FFT split, k = 0 .. M: W_N^k = c - j s.
-        k = np.arange(m + 1)
-        ang = 2.0 * np.pi * k / n
-        c, s = _q15(np.cos(ang)), _q15(np.sin(ang))
-        self._conj = np.array([1, -1], dtype=np.int64)[:, None, None]  # (2, 1, 1)
-        self._split_c = np.stack([c, -c])[:, None, :]  # (2, 1, M+1): multiplies [D_im, D_re]
-        self._split_s = np.stack([-s, -s])[:, None, :]  # (2, 1, M+1): multiplies [D_re, D_im]
 
         self._setup_filterbank()
         self._setup_log()
+        # Real-FFT split, k = k0 .. k1 - 1: F_k = Ze + W_N^k Zo with Zo = -j D, so W_N^k Zo = D (-s - j c).
+        k = np.arange(self._k0, self._k1)
+        ang = 2.0 * np.pi * k / n
+        self._split_w = _q15_twiddle(-_q15(np.sin(ang)), _q15(np.cos(ang)))  # (n_used,)
+        br = _bitrev(self.log2_n - 1)
+        self._za_pos, self._zr_pos = br[k % m], br[(m - k) % m]  # where Z_k, Z_{M-k} sit in a frame's FFT output
 
         self.block_frames = block_frames
         self._keep = n - hop  # samples of history a new frame needs
         self._cap = self._keep + block_frames * hop
-        self._buf = np.zeros(self._cap, dtype=np.int16)
-        self._idx = np.arange(block_frames)[None, :, None] * hop + self._perm  # (2, B, M)
+        self._buf = np.zeros(self._cap)  # int16 samples, as float64
+        self._plans: dict[int, _Plan] = {}
         self.reset()
 
     def _setup_filterbank(self):
@@ -163,19 +225,19 @@ class Frontend:
         r = (f_u - corners[seg_u]) / (corners[seg_u + 1] - corners[seg_u])
         self.rise_q15 = _q15(r)  # (n_used,) weight into band seg
         self.fall_q15 = ONE_Q15 - self.rise_q15  # (n_used,) weight into band seg - 1
-        # Segment j spans used bins [lo_j, hi_j): cumulative-sum differences give the span sums.
+        # Segment j spans used bins [lo_j, hi_j): band m = rise over segment m + fall over segment m + 1.
         j = np.arange(self.n_mels + 1)
         lo = np.searchsorted(seg_u, j, side="left")
         hi = np.searchsorted(seg_u, j, side="right")
-        n_used = len(seg_u)
-        # Band m = rise over segment m + fall over segment m + 1. Both weighted spectra sit in one
-        # cumulative array [0, cumsum(rise * P), cumsum(fall * P)] (offset n_used + 1 for the second).
-        off = n_used + 1
-        self._mel_idx = np.stack([hi[:-1], lo[:-1], off + hi[1:], off + lo[1:]])  # (4, n_mels)
-        self._n_used = n_used
-        self._seg_starts = lo  # (n_mels + 1,): segments tile the used bins, lo[j + 1] == hi[j]
+        self._n_used = len(seg_u)
+        self._seg_lo, self._seg_hi = lo, hi  # (n_mels + 1,)
         self._reduceat = bool(np.all(hi > lo))  # np.add.reduceat needs non-empty spans
-        if not self._reduceat:
+        if self._reduceat:  # the segments tile the used bins (lo[j + 1] == hi[j]); the last ends at n_used
+            self._rise_end = lo[-1]  # rise sums over segments 0 .. n_mels - 1: bins [0, lo[n_mels])
+            self._rise_starts = lo[:-1]
+            self._fall_start = lo[1]  # fall sums over segments 1 .. n_mels: bins [lo[1], n_used)
+            self._fall_starts = lo[1:] - lo[1]
+        else:
             log.warning("feature config %s: some Mel segments hold no FFT bin (bands too narrow for n_fft)",
                         self.cfg.config_hash())
 
@@ -183,11 +245,18 @@ class Frontend:
         i = np.arange(1 << LUT_BITS, 2 << LUT_BITS)  # mantissas with their leading one
         lut = np.round(DB_PER_LOG2 * np.log2((i + 0.5) / (1 << LUT_BITS))).astype(np.int64)
         self.lut_db = np.concatenate([np.zeros(1 << LUT_BITS, np.int64), lut])  # (8192,), indexed by mantissa
-        # Indexed by the mantissa's top 9 bits (leading one included): entries 256 .. 511 used.
         # Mel values below MEL_MIN = 2**16 are clamped to it; log2 < 17 must fall below the floor
         # for the largest exponent (e = 31): 10 log10(2) (17 - 118 + 62) = -117 dB < -100 dB.
         worst_db = 10 * math.log10(2) * (math.log2(2 * MEL_MIN) - self.log2_offset + 2 * 31)
         assert worst_db < self.cfg.floor_db, "floor too low for the Mel resolution"
+        # Per block exponent e = 0 .. 31 (|x * w_q15| <= 2**30): the frame's scale 2**(V - e) and the
+        # constant of its dB sum, (2e - LOG2_OFFSET - 1) * DB_PER_LOG2 + 2**15 (rounding of the >> 16).
+        e = np.arange(32)
+        self._scale_of_e = np.ldexp(1.0, self.data_bits - e)  # (32,)
+        self._db_of_e = (2 * e - (self.log2_offset + 1)) * DB_PER_LOG2 + (1 << 15)  # (32,) int64
+
+    def __getstate__(self) -> dict:  # a copy or pickle rebuilds its plans: they hold views of _buf
+        return {**self.__dict__, "_plans": {}}
 
     def reset(self) -> None:
         self._buf[: self._keep] = 0
@@ -219,83 +288,87 @@ class Frontend:
         return out[0] if len(out) == 1 else np.concatenate(out)
 
     def _frames(self, k: int) -> np.ndarray:
-        """log-Mel of the k frames in the buffer: (k, n_mels) int16."""
-        m = self.m
-        x = self._buf[self._idx[:, :k]] * self._win  # (2, k, M) int64 [re, im] of z, |x| <= 2**(30 + V)
-        e = _bitlen(np.abs(x).max(axis=(0, 2))) - self.data_bits  # (k,) block exponent
-        np.maximum(e, 0, out=e)
-        e = e[:, None]  # (k, 1)
-        x += (1 << e) >> 1
-        x >>= e  # |v| <= 2**V
+        """log-Mel of the k frames in the buffer: (k, n_mels) int16 (exact integers in float64 up to
+        the power, see the module docstring)."""
+        pl = self._plans.get(k)
+        if pl is None:
+            pl = self._plans[k] = _Plan(self, k)
+        x = pl.x
+        np.multiply(pl.frames, pl.win, out=x)  # (k, N) x * w_q15, |.| <= 2**30
+        np.abs(x, out=pl.absx)
+        np.maximum.reduce(pl.absx, axis=1, out=pl.peak)
+        np.frexp(pl.peak, out=(pl.frac, pl.e))  # block exponent e = bitlen(max |x * w_q15|)
+        np.take(self._scale_of_e, pl.e, out=pl.scale)
+        x *= pl.scale2  # x * w_q15 * 2**V / 2**e
+        x += _HALF
+        np.floor(x, out=x)  # |v| <= 2**V
 
-        xt = x.reshape(2, k, EARLY, m // EARLY)  # (2, k, r, G): FFT position G * 8 + r
-        for h, c, s2 in self._early_stages:
-            v = xt.reshape(2, k, EARLY // (2 * h), 2, h, m // EARLY)
-            a, b = v[:, :, :, 0], v[:, :, :, 1]  # (2, k, g, h, M / 8)
-            if h == 1:  # W = 1
-                t = b.copy()
-            elif h == 2:  # W = 1, -j: exact, -j (b_re + j b_im) = b_im - j b_re
-                t = b.copy()
-                np.multiply(b[::-1, :, :, 1], self._conj[:, :, :, None], out=t[:, :, :, 1])
-            else:  # t = b * (c - j s), rounded Q15, as below
-                t = b * c
-                t += b[::-1] * s2
-                t += 1 << (Q15 - 1)
-                t >>= Q15
-            np.subtract(a, t, out=b)
-            a += t
-        x = xt.transpose(0, 1, 3, 2).reshape(2, k, m)  # a copy, back in FFT order
-
-        for h, c, s2 in self._stages:
-            v = x.reshape(2, k * m // (2 * h), 2, h)
-            a, b = v[:, :, 0], v[:, :, 1]  # (2, k * g, h)
-            t = b * c  # t = b * (c - j s) = [b_re c + b_im s, b_im c - b_re s], rounded Q15
-            t += b[::-1] * s2
-            t += 1 << (Q15 - 1)
-            t >>= Q15
-            np.subtract(a, t, out=b)
-            a += t
+        t, t_f = pl.t, pl.t_f
+        for a, b, w, rounded, even, odd in pl.stages:  # butterflies: a, b -> a + t, a - t, t = round(b W)
+            if w is None:  # W = 1
+                np.add(a, b, out=even)
+                np.subtract(a, b, out=odd)
+                continue
+            np.multiply(b, w, out=t)
+            if rounded:  # not for W = 1, -j (exact)
+                t_f += _HALF
+                np.floor(t_f, out=t_f)
+            np.add(a, t, out=even)
+            np.subtract(a, t, out=odd)
 
         # Real-FFT split: F_k = Ze + W_N^k Zo with Ze = Z_k + Z*_{M-k}, Zo = -j (Z_k - Z*_{M-k}).
-        za = np.empty((2, k, m + 1), dtype=np.int64)  # Z_k, k = 0 .. M (Z_M = Z_0)
-        za[:, :, :m] = x
-        za[:, :, m] = x[:, :, 0]
-        zb = np.empty_like(za)  # conj(Z_{M-k}): Z_0, Z_{M-1}, ..., Z_1, Z_0
-        zb[:, :, 0] = x[:, :, 0]
-        zb[:, :, 1:] = x[:, :, ::-1]
-        zb[1] *= -1
-        d = za - zb
-        za += zb  # Ze
-        t = d[::-1] * self._split_c  # [D_im c, -D_re c]
-        t += d * self._split_s  # [-D_re s, -D_im s]
-        t += 1 << (Q15 - 1)
-        t >>= Q15
-        za += t  # F = 2 X, |F| <= 2**31
+        np.take(pl.z, pl.za_idx, out=pl.za, mode="clip")
+        np.take(pl.z, pl.zr_idx, out=pl.zb, mode="clip")
+        np.conjugate(pl.zb, out=pl.zb)
+        np.subtract(pl.za, pl.zb, out=pl.d)  # D
+        np.add(pl.za, pl.zb, out=pl.f)  # Ze
+        np.multiply(pl.d, self._split_w, out=pl.d)  # W_N^k Zo = D (-s - j c), rounded Q15
+        pl.d_f += _HALF
+        np.floor(pl.d_f, out=pl.d_f)
+        pl.f += pl.d  # F = 2 X, |F| <= 2**31
 
-        za *= za
-        p = za[0, :, self._k0: self._k1] + za[1, :, self._k0: self._k1]  # (k, n_used) <= 2**62
+        f = pl.f_int
+        np.copyto(f, pl.f_planes, casting="unsafe")  # (2, k, n_used) int64 [re, im]
+        f *= f
+        p = pl.p
+        np.add(f[0], f[1], out=p)  # (k, n_used) <= 2**62
         p >>= MEL_SHIFT
 
+        mel = pl.mel
+        np.multiply(p, pl.rise, out=pl.p_rise)
+        np.multiply(p, pl.fall, out=pl.p_fall)
         if self._reduceat:  # span sums per segment: rise of segment m + fall of segment m + 1
-            mel = np.add.reduceat(p * self.rise_q15, self._seg_starts, axis=1)[:, :-1]  # (k, n_mels)
-            mel += np.add.reduceat(p * self.fall_q15, self._seg_starts, axis=1)[:, 1:]  # <= 2**62
+            np.add.reduceat(pl.p_rise[:, : self._rise_end], self._rise_starts, axis=1, out=pl.mel_rise)
+            np.add.reduceat(pl.p_fall[:, self._fall_start:], self._fall_starts, axis=1, out=mel)
+            mel += pl.mel_rise  # (k, n_mels) <= 2**62
         else:  # the same sums from cumulative sums (handles empty segments)
-            acc = np.zeros((k, 2 * (self._n_used + 1)), dtype=np.int64)
-            np.cumsum(p * self.rise_q15, axis=1, out=acc[:, 1: self._n_used + 1])
-            np.cumsum(p * self.fall_q15, axis=1, out=acc[:, self._n_used + 2:])
-            g = acc[:, self._mel_idx]  # (k, 4, n_mels)
-            mel = g[:, 0] - g[:, 1] + g[:, 2] - g[:, 3]  # (k, n_mels) <= 2**62
+            acc = np.zeros((2, k, self._n_used + 1), dtype=np.int64)
+            np.cumsum(pl.p_rise, axis=1, out=acc[0, :, 1:])
+            np.cumsum(pl.p_fall, axis=1, out=acc[1, :, 1:])
+            lo, hi = self._seg_lo, self._seg_hi
+            mel[:] = acc[0][:, hi[:-1]] - acc[0][:, lo[:-1]] + acc[1][:, hi[1:]] - acc[1][:, lo[1:]]
 
         np.maximum(mel, MEL_MIN, out=mel)  # below the floor anyway (setup checks it)
         b = _bitlen(mel)  # 17 .. 62: log2 mel = b - 1 + log2(mant / 2**12)
-        mant = mel >> (b - (LUT_BITS + 1))  # [2**12, 2**13)
-        b += 2 * e - (self.log2_offset + 1)  # integer part of log2(Mel / P_REF)
+        np.subtract(b, LUT_BITS + 1, out=pl.shift)
+        np.right_shift(mel, pl.shift, out=mel)  # mantissa in [2**12, 2**13)
+        # dB_q8 = ((b - 1 + 2e - LOG2_OFFSET) * DB_PER_LOG2 + LUT_DB[mant] + 2**15) >> 16
         b *= DB_PER_LOG2
-        b += self.lut_db[mant]
-        b += 1 << 15
+        np.take(self.lut_db, mel, out=pl.lut, mode="clip")
+        b += pl.lut
+        np.take(self._db_of_e, pl.e, out=pl.ce, mode="clip")
+        b += pl.ce2
         b >>= 16  # dB in Q7.8
         np.maximum(b, self.floor_q8, out=b)
         return b.astype(np.int16)
+
+
+def _q15_twiddle(re_q15: np.ndarray, im_neg_q15: np.ndarray) -> np.ndarray:
+    """(re - j im) / 2**15 as complex128: exact, the Q15 integers scaled by a power of two."""
+    w = np.empty(len(re_q15), np.complex128)
+    w.real = re_q15 / ONE_Q15
+    w.imag = -im_neg_q15 / ONE_Q15
+    return w
 
 
 def _check_pcm(pcm) -> np.ndarray:

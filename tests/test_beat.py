@@ -181,6 +181,32 @@ def test_causal_and_reset():
     assert np.array_equal(a.beat_times, c.beat_times) and np.array_equal(a.phase, c.phase)
 
 
+def test_block_sizes_do_not_change_anything():
+    """process() computes the onsets of up to BLOCK_HOPS hops together; advance() in any block size,
+    hop by hop (step) included, must give the very same numbers."""
+    pcm, _, _ = drum_track([(100, 8), (150, 8)], seed=3)
+    mel = log_mel(pcm, CFG)
+    ref = BeatTracker(CFG).process(mel)
+    assert len(ref.beat_times) > 10
+    bt = BeatTracker(CFG)
+    for size in (1, 3, 7, 16, 40):
+        bt.reset()
+        onsets, beats, i = [], [], 0
+        while i < len(mel):
+            o, b = bt.advance(mel[i:i + size])
+            onsets += o
+            beats += b
+            i += size
+            bpm, phase, bar, meter, nxt = bt.state()
+            j = min(i, len(mel)) - 1
+            assert (np.float32(bpm), np.float32(phase), np.float32(bar), meter, np.float32(nxt)) == \
+                (ref.bpm[j], ref.phase[j], ref.bar_phase[j], ref.meter[j], ref.next_beat_in[j]), (size, j)
+        assert np.array_equal(np.float32(onsets), ref.onset) and np.array_equal(beats, ref.beat_times), size
+    bt.reset()
+    steps = np.array([bt.step(row)[:5] for row in mel[:500]], np.float32)  # bpm, phase, bar_phase, meter, onset
+    assert np.array_equal(steps, np.stack([ref.bpm, ref.phase, ref.bar_phase, ref.meter, ref.onset], 1)[:500])
+
+
 def test_silence_and_noise():
     fr = run(np.zeros(10 * SR, np.int16))
     assert len(fr.beat_times) == 0 and np.all(fr.onset == 0) and np.all(fr.meter == 0)

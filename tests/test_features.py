@@ -114,6 +114,18 @@ def test_reset_repeats(song, batch):
     _equal(batch, fx.process(song[0]))
 
 
+def test_copied_extractor_continues_the_stream(song, batch):
+    """The frontend and tracker keep views into their own buffers: a deepcopy or a pickle
+    round trip taken mid-stream must carry on exactly like the original."""
+    import copy
+    import pickle
+    pcm, cut = song[0], 200 * SPF
+    fx = features.FeatureExtractor(CFG)
+    head = fx.process(pcm[:cut])
+    for other in (copy.deepcopy(fx), pickle.loads(pickle.dumps(fx)), fx):
+        _equal(batch, features.FeatureFrames.concat([head, other.process(pcm[cut:])]))
+
+
 @pytest.mark.parametrize("cut_frame", [150, 400])
 def test_causal(song, batch, cut_frame):
     """Frame t depends on audio before (t + 1) * 640 only: replace everything after it."""

@@ -105,6 +105,33 @@ def test_golden_frames():
     np.testing.assert_array_equal(out, golden)
 
 
+def extreme_signal() -> np.ndarray:
+    """Full-scale squares, DC, random signs, impulses and +-2 LSB noise, 24 hops each: the largest
+    FFT values (where float64 must still hold every integer exactly) and the smallest."""
+    n = 24 * HOP
+    i = np.arange(n)
+    rng = np.random.default_rng(2024)
+    parts = [np.where((i // 3) % 2 == 0, 32767, -32768), np.where((i // 40) % 2 == 0, 32767, -32768),
+             np.full(n, -32768), rng.choice([-32768, 32767], n), np.where(i % 97 == 0, -32768, 0),
+             rng.integers(-32768, 32768, n) >> 14]
+    return np.concatenate(parts).astype(np.int16)
+
+
+def test_extremes_golden():
+    """Bit-exact against frames made by the earlier all-int64 implementation of the same arithmetic
+    (tests/golden/frontend_extremes.npy), for the extreme inputs, in batch and in 640-sample chunks."""
+    path = GOLDEN.parent / "frontend_extremes.npy"
+    x = extreme_signal()
+    out = log_mel(x)
+    if os.environ.get("EDGEDANCE_REGEN_GOLDEN"):
+        np.save(path, out)
+    golden = np.load(path)
+    assert golden.dtype == np.int16 and golden.shape == (len(x) // HOP, N_MELS)
+    np.testing.assert_array_equal(out, golden)
+    fe = Frontend()
+    np.testing.assert_array_equal(np.concatenate([fe.process(x[i:i + 640]) for i in range(0, len(x), 640)]), golden)
+
+
 # --- streaming == batch ---------------------------------------------------------
 
 def test_streaming_random_chunks_equals_batch():
