@@ -34,6 +34,9 @@ def test_step_model_matches_sequence_model_free_running(mcfg):
         set_smoothing(seq, 0.6)
     step = build_step_model(mcfg, F)
     assert copy_weights(seq, step) >= mcfg.layers + 2
+    # The fed-back pose is a state only when the decoder reads it (an unread input cannot be quantized).
+    assert ("prev_pose" in dict(step_state_specs(mcfg))) == mcfg.feedback
+    assert ("prev_pose" in step.input) == mcfg.feedback
     rng = np.random.default_rng(1)
     x = rng.normal(size=(40, F)).astype(np.float32)
     noise = make_noise(40, mcfg.noise_dims, rng)

@@ -417,7 +417,9 @@ def step_state_specs(mcfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
         specs += [(f"enc_h_{i}", (mcfg.units,)), (f"enc_c_{i}", (mcfg.units,))]
     if mcfg.attention:
         specs.append(("att_buf", (mcfg.lookback, mcfg.units)))
-    specs += [("dec_h", (mcfg.dec_units,)), ("dec_c", (mcfg.dec_units,)), ("prev_pose", (N_POSE,))]
+    specs += [("dec_h", (mcfg.dec_units,)), ("dec_c", (mcfg.dec_units,))]
+    if mcfg.feedback:  # the decoder's own previous pose; without feedback nothing reads it
+        specs.append(("prev_pose", (N_POSE,)))
     if mcfg.smooth:
         specs.append(("smooth_pose", (N_POSE,)))
     return specs
@@ -457,7 +459,9 @@ def build_step_model(mcfg: ModelConfig, n_features: int):
     dec_in = layers.Concatenate(axis=-1)(dec_parts) if len(dec_parts) > 1 else dec_parts[0]
     cell = DecoderCell(mcfg.dec_units, music_dims, feedback=mcfg.feedback, noise_dims=mcfg.noise_dims,
                        free_running=True, name="decoder")
-    y, (dh_, dc_, own) = cell(dec_in, [inputs["dec_h"], inputs["dec_c"], inputs["prev_pose"]])
+    # Without feedback the cell ignores its third state: any tensor fills the slot.
+    prev = inputs["prev_pose"] if mcfg.feedback else inputs["dec_h"]
+    y, (dh_, dc_, own) = cell(dec_in, [inputs["dec_h"], inputs["dec_c"], prev])
     if mcfg.smooth:
         y, (sm,) = _smooth_cell()(name="pose_smooth")(y, [inputs["smooth_pose"]])
         outputs["smooth_pose_out"] = sm
@@ -467,7 +471,8 @@ def build_step_model(mcfg: ModelConfig, n_features: int):
     outputs["pose"] = layers.Identity(name="pose")(pose)
     outputs["dheading"] = layers.Identity(name="dheading")(y[:, N_POSE:])
     outputs["dec_h_out"], outputs["dec_c_out"] = dh_, dc_
-    outputs["prev_pose_out"] = own
+    if mcfg.feedback:
+        outputs["prev_pose_out"] = own
     return keras.Model(inputs, outputs, name="edgedance_step")
 
 
