@@ -42,7 +42,7 @@ def _feature_names(fcfg, n: int):
 
 def build_manifest(blob_path: pathlib.Path, models: cv.KerasModels, mode: str, *, training: dict | None = None,
                    metrics: dict | None = None) -> dict:
-    sig = models.signature
+    sig = models.graph_signature()
     interp = dm.make_interpreter(blob_path)
     runner = interp.get_signature_runner(dm.SIGNATURE)
     in_roles = {s.name: ("features" if s.name == cv.FEATURE_INPUT else "noise" if s.name == cv.NOISE_INPUT

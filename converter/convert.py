@@ -27,9 +27,10 @@ Two decisions shape the converted graph:
 * The pose tail leaves the graph too: the output low-pass (`pose_smooth`, s += alpha *
   (y - mean - s)) and the gain (`pose_gain`, clip(mean + g (y - mean), -1, 1)). In int8 the
   low-pass state has a dead zone (a change under half a step / alpha never moves it: 0.011
-  for alpha 0.35), a staircase the beat metrics punish. The converter sets alpha and g to 1
-  and the manifest's `pose_post` {alpha, smooth_mean, gain, gain_mean} has the device run both
-  in float on the dequantized decoder pose (28 values).
+  for alpha 0.35), a staircase the beat metrics punish. The converted graph is built without
+  them (and without their state `smooth_pose`; `KerasModels.graph_signature`), ending at the
+  decoder's pose, and the manifest's `pose_post` {alpha, smooth_mean, gain, gain_mean} has the
+  device run both in float on the dequantized pose (28 values).
 * The graph is saved from a frozen concrete function. Keras 3 variables otherwise
   stay resource variables in the .tflite and the int8 calibrator fails on READ_VARIABLE.
   Signature outputs are then named output_0.. in the order of `StepSignature.outputs`.
@@ -134,6 +135,14 @@ class KerasModels:
     signature: StepSignature
     source: str = ""
     smoothing: dict | None = None  # the pose tail run on the device: {alpha, smooth_mean, gain, gain_mean}
+    _graph_sig: StepSignature | None = dataclasses.field(default=None, repr=False)
+
+    def graph_signature(self) -> StepSignature:
+        """The signature of the converted graph (`folded_clone`): the step model's, without the
+        states of the pose tail when the device runs it (`smooth_pose`)."""
+        if self._graph_sig is None:
+            self._graph_sig = describe(folded_clone(self))
+        return self._graph_sig
 
 
 def from_sequence_model(sequence, mcfg, feature_cfg, normalization: dict, source: str = "") -> KerasModels:
@@ -174,7 +183,7 @@ class KerasStepper:
         import tensorflow as tf
 
         self.models = models
-        self.sig = models.signature
+        self.sig = models.graph_signature() if folded else models.signature
         step = folded_clone(models) if folded else models.step
         sm = models.smoothing if folded else None
         self._post = None if sm is None else {k: np.asarray(v, np.float32) for k, v in sm.items()}
@@ -256,20 +265,17 @@ def representative_samples(models: KerasModels, songs: list[np.ndarray], n_sampl
 
 def folded_clone(models: KerasModels):
     """A copy of the step model with feat_norm folded into the LSTMs (feat_norm = identity) and
-    the output low-pass off (alpha = 1; the device applies it)."""
+    without the pose tail (low-pass, gain, the smooth_pose state): the device runs it in float
+    (module doc), so the graph ends at the decoder's pose."""
     from trainer import model as tm
 
-    clone = tm.build_step_model(models.mcfg, models.signature.n_features)
-    tm.copy_weights(models.step, clone)
+    mcfg = models.mcfg
+    if models.smoothing is not None:
+        mcfg = dataclasses.replace(mcfg, smooth=False, output_gain=False)
+    clone = tm.build_step_model(mcfg, models.signature.n_features)
+    tm.copy_weights(models.step, clone)  # by name: the tail's layers are not in the clone
     n = models.signature.n_features
     clone.get_layer("feat_norm").set_weights([np.zeros(n, np.float32), np.ones(n, np.float32)])
-    names = {layer.name for layer in clone.layers}
-    if "pose_smooth" in names:  # the device runs the low-pass and the gain in float (module doc)
-        sm = clone.get_layer("pose_smooth")
-        sm.set_weights([sm.get_weights()[0], np.ones(1, np.float32)])
-    if "pose_gain" in names:
-        g = clone.get_layer("pose_gain")
-        g.set_weights([g.get_weights()[0], np.ones(1, np.float32)])
     m, s = models.feat_mean.astype(np.float64), models.feat_inv_std.astype(np.float64)
     _fold_rows(clone.get_layer("enc_lstm_0"), 0, m, s)
     mcfg = models.mcfg
@@ -427,8 +433,8 @@ def to_tflite(models: KerasModels, mode: str, samples: list[dict] | None = None,
         raise ConversionError(f"quantize={mode!r}: choose one of {QUANTIZE_MODES}")
     if mode in ("int8", "int16x8") and not samples:
         raise ConversionError(f"quantize={mode}: needs representative samples (real features)")
-    sig = models.signature
     step = folded_clone(models)
+    sig = describe(step)
     in_names = [s.name for s in sig.inputs]
     out_names = [s.name for s in sig.outputs]
 
@@ -446,7 +452,7 @@ def to_tflite(models: KerasModels, mode: str, samples: list[dict] | None = None,
         if mode in ("int8", "int16x8"):
             # The calibrator feeds inputs by signature name; it must be a dict (inputs are
             # ordered alphabetically in the flatbuffer, not as in the Keras model).
-            conv.representative_dataset = lambda: ({k: v.astype(np.float32) for k, v in s.items()} for s in samples)
+            conv.representative_dataset = lambda: ({k: s[k].astype(np.float32) for k in in_names} for s in samples)
             if mode == "int8":
                 conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
                 conv.inference_input_type = conv.inference_output_type = tf.int8

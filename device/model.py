@@ -7,10 +7,13 @@ the pose contract and the interpreter's own tensor details, and raises `BundleEr
 naming the file and the field for anything wrong.
 
 `Bundle.stepper()` gives a `StreamingModel`: `step(x (F,) float32) -> (pose (14, 2), heading)`.
-Per frame it quantizes the features (the model holds their normalisation), feeds every state the
-model returned last frame back in (re-quantized when the output and input scales
-differ), invokes, dequantizes the pose and the heading change, and runs the model's output
-low-pass and gain in float when the manifest has them; buffers are allocated once. numpy + LiteRT only: no TensorFlow on the device.
+Per frame it quantizes the features (the model holds their normalisation) into the input buffer,
+invokes, copies every state output into its input buffer for the next frame (re-quantized through a
+table when the output and input scales differ), dequantizes the pose and the heading change, and
+runs the model's output low-pass and gain in float when the manifest has them (`pose_post`). It
+works on numpy views of the interpreter's buffers and allocates nothing per frame (about 13 µs of
+Python around the invoke for 3 x 128; docs/bench/model.md). numpy + LiteRT only: no TensorFlow on
+the device.
 """
 from __future__ import annotations
 
@@ -111,8 +114,8 @@ class Bundle:
     def quantize(self) -> str:
         return self.manifest["model"]["quantize"]
 
-    def stepper(self, num_threads: int = 1, seed: int = 0) -> "StreamingModel":
-        return StreamingModel(self, num_threads=num_threads, seed=seed)
+    def stepper(self, num_threads: int = 1, seed: int = 0, hold_views: bool = True) -> "StreamingModel":
+        return StreamingModel(self, num_threads=num_threads, seed=seed, hold_views=hold_views)
 
 
 def _fail(path, field, what, fix="re-create the bundle with `python -m converter convert RUN --out DIR`"):
@@ -334,38 +337,88 @@ def _qrange(dtype) -> tuple[int, int]:
     return int(info.min), int(info.max)
 
 
+class _Views:
+    """numpy views of the interpreter's own buffers, for every tensor `step` touches."""
+
+    __slots__ = ("x", "noise", "states", "tied", "mapped", "pose", "heading")
+
+    def __init__(self, interp, x_idx, noise_idx, states, pose_idx, head_idx):
+        def view(idx):
+            return interp.tensor(idx)()
+
+        self.x = view(x_idx)[0]  # (F,)
+        self.noise = None if noise_idx is None else view(noise_idx)
+        # (input view, output view, table, unsigned dtype to index the table with)
+        self.states = [(view(i), view(o), lut, udt) for i, o, lut, udt in states]
+        self.tied = [(vin, vout) for vin, vout, lut, _ in self.states if lut is None]
+        self.mapped = [s for s in self.states if s[2] is not None]
+        self.pose = view(pose_idx)[0]  # (28,)
+        self.heading = view(head_idx)
+
+    def arrays(self):
+        yield self.x
+        if self.noise is not None:
+            yield self.noise
+        for vin, vout, _, _ in self.states:
+            yield vin
+            yield vout
+        yield self.pose
+        yield self.heading
+
+
+class _InputViews:
+    """The features' and the noise's views alone: what `step` writes before the invoke."""
+
+    __slots__ = ("x", "noise")
+
+    def __init__(self, interp, x_idx, noise_idx):
+        self.x = interp.tensor(x_idx)()[0]
+        self.noise = None if noise_idx is None else interp.tensor(noise_idx)()
+
+
 class StreamingModel:
-    """One pose frame per `step`; the states stay inside, fed back every frame."""
+    """One pose frame per `step`; the states stay inside, fed back every frame.
+
+    The states live in the interpreter's own input buffers: after each invoke every state
+    output is copied (or mapped through its table) straight into its input's buffer, no
+    intermediate arrays. When the runtime allows it the numpy views of those buffers are made
+    once and kept (`views_held`), and the interpreter is invoked through its raw handle: the
+    public `invoke()` refuses to run while any view exists, because a resize or re-allocation
+    would move the buffers. This model has static shapes only, nothing re-allocates them; the
+    constructor checks that the buffers stay put over an invoke and that no output shares memory
+    with an input, else it makes fresh views every step (correct, about 20 µs slower here)."""
 
     NOISE_SMOOTH_FRAMES = 25.0  # the trainer's make_noise: AR(1), 1 s time constant at 25 fps
 
-    def __init__(self, bundle: Bundle, num_threads: int = 1, seed: int = 0):
+    def __init__(self, bundle: Bundle, num_threads: int = 1, seed: int = 0, hold_views: bool = True):
         self.bundle = bundle
         self._interp = make_interpreter(bundle.model_path, num_threads)
         runner = self._interp.get_signature_runner(SIGNATURE)
         in_idx = {k: d["index"] for k, d in runner.get_input_details().items()}
         out_idx = {k: d["index"] for k, d in runner.get_output_details().items()}
-        del runner
+        del runner  # a live signature runner counts as a reference to the tensors
         ins, outs = bundle.inputs, bundle.outputs
         F = bundle.n_features
 
         fx = next(t for t in ins.values() if t.role == "features")
-        self._x_idx = in_idx[fx.key]
-        self._x_dtype = np.dtype(fx.dtype)
+        self._x_shape = (F,)
         # Normalisation is folded into the model; quantization q = x / scale + zp = x * a + b
         # (a = 127, b = 0 for an int8 input pinned to the features' own [-1, 1] map).
-        self._xa = np.float32(1.0 / fx.scale if fx.scale else 1.0)
-        self._xb = np.float32(fx.zero_point if fx.scale else 0.0)
+        # Every constant of `step` is a float32 array of the operand's shape: numpy takes its
+        # fast array-array loop (0.3 µs here) instead of converting a scalar (0.8 µs), and the
+        # values are the float32 scalars' own.
         self._x_quantized = bool(fx.scale)
-        self._x_lo, self._x_hi = _qrange(self._x_dtype) if fx.scale else (-np.inf, np.inf)
+        lo, hi = _qrange(np.dtype(fx.dtype)) if fx.scale else (-np.inf, np.inf)
+        self._x_a, self._x_b, self._x_lo, self._x_hi = (
+            np.full(F, v, np.float32) for v in (1.0 / fx.scale if fx.scale else 1.0,
+                                                 fx.zero_point if fx.scale else 0.0, lo, hi))
         self._x_tmp = np.zeros(F, np.float32)
-        self._x_in = np.zeros((1, F), self._x_dtype)
 
         noise = [t for t in ins.values() if t.role == "noise"]
         self._noise = None
         if noise:
             t = noise[0]
-            self._noise = (in_idx[t.key], t, np.zeros(t.shape[-1], np.float64), np.zeros(t.shape, np.dtype(t.dtype)))
+            self._noise = (t, np.zeros(t.shape[-1], np.float64))
         self._rng = np.random.default_rng(seed)
         self._seed = seed
 
@@ -373,7 +426,7 @@ class StreamingModel:
         # it is when input and output carry the same quantization (the converter ties them
         # where it can), else mapped through a table over every integer value:
         # real = (q_out - zo) * s_out = (q_in - zi) * s_in.
-        self._state_in, self._state_out, self._state_lut, self._state_init = [], [], [], []
+        self._state_lut, self._state_init, states = [], [], []
         for a, b in bundle.states:
             ti, to = ins[a], outs[b]
             dtype = np.dtype(ti.dtype)
@@ -381,20 +434,20 @@ class StreamingModel:
             if ti.scale and (ti.scale != to.scale or ti.zero_point != to.zero_point):
                 info = np.iinfo(dtype)
                 q = np.arange(info.min, info.max + 1, dtype=np.float64)
-                lut = np.clip(np.rint((q - to.zero_point) * (to.scale / ti.scale)) + ti.zero_point,
-                              info.min, info.max).astype(dtype)
-                lut = (np.roll(lut, info.min), np.dtype(f"uint{8 * dtype.itemsize}"))  # index: unsigned view
-            self._state_in.append(in_idx[ti.key])
-            self._state_out.append(out_idx[to.key])
+                table = np.clip(np.rint((q - to.zero_point) * (to.scale / ti.scale)) + ti.zero_point,
+                                info.min, info.max).astype(dtype)
+                lut = (np.roll(table, info.min), np.dtype(f"uint{8 * dtype.itemsize}"))  # index: unsigned view
             self._state_lut.append(lut)
             self._state_init.append(np.full(ti.shape, ti.zero_point if ti.scale else 0, dtype))  # real value 0
-        self._state_vals = list(self._state_init)
-        self._state_io = list(zip(self._state_in, self._state_out, self._state_lut))
+            states.append((in_idx[ti.key], out_idx[to.key]) + (lut if lut is not None else (None, None)))
         tp = next(t for t in outs.values() if t.role == "pose")
         th = next(t for t in outs.values() if t.role == "heading")
-        self._pose_idx, self._head_idx = out_idx[tp.key], out_idx[th.key]
+        self._view_args = (in_idx[fx.key], in_idx[noise[0].key] if noise else None, states,
+                           out_idx[tp.key], out_idx[th.key])
         # real = (q - zp) * scale = q * scale - zp * scale
-        self._pose_s, self._pose_off = np.float32(tp.scale or 1.0), np.float32((tp.zero_point if tp.scale else 0) * (tp.scale or 1.0))
+        self._pose_s = np.full(N_POSE, tp.scale or 1.0, np.float32)
+        self._pose_off = np.full(N_POSE, np.float32((tp.zero_point if tp.scale else 0) * (tp.scale or 1.0)), np.float32)
+        self._pose_lo, self._pose_hi = np.full(N_POSE, -1.0, np.float32), np.full(N_POSE, 1.0, np.float32)
         self._head_s, self._head_zp = float(th.scale or 1.0), float(th.zero_point if th.scale else 0)
         self._pose = np.zeros((N_KEYPOINTS, 2), np.float32)
         self._pose_flat = self._pose.reshape(-1)
@@ -403,11 +456,40 @@ class StreamingModel:
         post = bundle.manifest.get("pose_post")
         self._smooth = self._gain = None
         if post is not None and float(post["alpha"]) < 1.0:
-            self._smooth = (np.float32(post["alpha"]), np.asarray(post["smooth_mean"], np.float32),
+            self._smooth = (np.full(N_POSE, post["alpha"], np.float32), np.asarray(post["smooth_mean"], np.float32),
                             np.zeros(N_POSE, np.float32))
         if post is not None and float(post["gain"]) != 1.0:
-            self._gain = (np.float32(post["gain"]), np.asarray(post["gain_mean"], np.float32))
+            self._gain = (np.full(N_POSE, post["gain"], np.float32), np.asarray(post["gain_mean"], np.float32))
+
+        self._views = None
+        self._invoke = self._interp.invoke
+        if hold_views:
+            self._hold_views()
         self.reset()
+
+    def _open_views(self) -> _Views:
+        return _Views(self._interp, *self._view_args)
+
+    def _hold_views(self) -> None:
+        raw = getattr(self._interp, "_interpreter", None)  # LiteRT's and tflite_runtime's C++ wrapper
+        invoke = getattr(raw, "Invoke", None)
+        if invoke is None:
+            log.info("%s: this runtime has no raw invoke; fresh tensor views every step", self.bundle.path)
+            return
+        views = self._open_views()
+        before = [a.__array_interface__["data"][0] for a in views.arrays()]
+        invoke()  # any (re-)allocation would happen here
+        after = [a.__array_interface__["data"][0] for a in self._open_views().arrays()]
+        ins = [views.x] + ([views.noise] if views.noise is not None else []) + [s[0] for s in views.states]
+        outs = [s[1] for s in views.states] + [views.pose, views.heading]
+        if before != after or any(np.shares_memory(a, b) for a in ins for b in outs):
+            log.warning("%s: tensor buffers move or overlap; fresh tensor views every step", self.bundle.path)
+            return
+        self._views, self._invoke = views, invoke
+
+    @property
+    def views_held(self) -> bool:
+        return self._views is not None
 
     def __enter__(self):
         return self
@@ -416,17 +498,22 @@ class StreamingModel:
         self.close()
 
     def close(self):
+        self._views = None
+        self._invoke = None
         self._interp = None
 
     def reset(self):
         """Start of a new stream: all-zero states (the model's start), heading 0."""
-        self._state_vals = [v.copy() for v in self._state_init]
+        v = self._views or self._open_views()
+        for (vin, _, _, _), init in zip(v.states, self._state_init):
+            vin[...] = init
+        del v
         if self._smooth is not None:
             self._smooth[2].fill(0.0)  # the smoothed pose starts at the mean pose
         self.heading = 0.0
         self._rng = np.random.default_rng(self._seed)
         if self._noise is not None:
-            self._noise[2][:] = self._rng.standard_normal(self._noise[2].shape)
+            self._noise[1][:] = self._rng.standard_normal(self._noise[1].shape)
 
     def _quantize_into(self, real, dst, t: TensorInfo):
         if t.scale:
@@ -437,49 +524,52 @@ class StreamingModel:
 
     def step(self, x: np.ndarray) -> tuple[np.ndarray, float]:
         """x (F,) float32 features of one pose frame -> (pose (14, 2) float32, heading radians)."""
-        interp = self._interp
-        tmp = self._x_tmp
-        if np.shape(x) != tmp.shape:
+        if (x.shape if type(x) is np.ndarray else np.shape(x)) != self._x_shape:
             raise ValueError(f"StreamingModel.step: features of shape {np.shape(x)}, the bundle "
-                             f"{self.bundle.path} takes {tmp.shape} (device.features for its feature config)")
-        np.multiply(x, self._xa, out=tmp)
+                             f"{self.bundle.path} takes {self._x_shape} (device.features for its feature config)")
+        v = self._views or _InputViews(self._interp, *self._view_args[:2])  # inputs only: 2 views, not all
         if self._x_quantized:
-            tmp += self._xb
+            tmp = self._x_tmp
+            np.multiply(x, self._x_a, out=tmp)
+            np.add(tmp, self._x_b, out=tmp)
             np.rint(tmp, out=tmp)
-            np.clip(tmp, self._x_lo, self._x_hi, out=tmp)
-        self._x_in[0] = tmp
-        interp.set_tensor(self._x_idx, self._x_in)
+            np.maximum(tmp, self._x_lo, out=tmp)  # np.clip costs 2 µs more (a Python wrapper)
+            np.minimum(tmp, self._x_hi, out=tmp)
+            v.x[...] = tmp  # exact: integers in range
+        else:
+            np.multiply(x, self._x_a, out=v.x)
         if self._noise is not None:
-            idx, t, z, q = self._noise
+            t, z = self._noise
             rho = math.exp(-1.0 / self.NOISE_SMOOTH_FRAMES)
             z *= rho
             z += math.sqrt(1 - rho * rho) * self._rng.standard_normal(z.shape)
-            self._quantize_into(z.reshape(t.shape), q, t)
-            interp.set_tensor(idx, q)
-        vals = self._state_vals
-        for i, (i_idx, _o, _l) in enumerate(self._state_io):
-            interp.set_tensor(i_idx, vals[i])
-        interp.invoke()
-        for i, (_i, o_idx, lut) in enumerate(self._state_io):
-            out = interp.get_tensor(o_idx)  # a copy: ours to keep until the next frame
-            vals[i] = out if lut is None else lut[0][out.view(lut[1])]
+            self._quantize_into(z.reshape(t.shape), v.noise, t)
+        if self._views is None:
+            del v  # no view may live through invoke()
+        self._invoke()
+        v = self._views or self._open_views()
+        for vin, vout in v.tied:  # next frame's states, straight into the input buffers
+            vin[...] = vout
+        for vin, vout, lut, udt in v.mapped:
+            vin[...] = lut.take(vout.view(udt))  # np.take(out=) is twice as slow
         pose = self._pose_flat
-        np.multiply(interp.get_tensor(self._pose_idx)[0], self._pose_s, out=pose)
-        pose -= self._pose_off
+        np.multiply(v.pose, self._pose_s, out=pose)
+        np.subtract(pose, self._pose_off, out=pose)
         if self._smooth is not None:
             alpha, mean, st = self._smooth
-            pose -= mean
-            pose -= st
-            pose *= alpha
-            st += pose
+            np.subtract(pose, mean, out=pose)
+            np.subtract(pose, st, out=pose)
+            np.multiply(pose, alpha, out=pose)
+            np.add(st, pose, out=st)
             np.add(mean, st, out=pose)
         if self._gain is not None:
             g, mean = self._gain
-            pose -= mean
-            pose *= g
-            pose += mean
-        np.clip(pose, -1.0, 1.0, out=pose)
-        dh = (float(interp.get_tensor(self._head_idx)[0, 0]) - self._head_zp) * self._head_s
+            np.subtract(pose, mean, out=pose)
+            np.multiply(pose, g, out=pose)
+            np.add(pose, mean, out=pose)
+        np.maximum(pose, self._pose_lo, out=pose)
+        np.minimum(pose, self._pose_hi, out=pose)
+        dh = (float(v.heading[0, 0]) - self._head_zp) * self._head_s
         self.heading = (self.heading + dh + math.pi) % (2 * math.pi) - math.pi
         return self._pose.copy(), self.heading
 
