@@ -97,7 +97,10 @@ def write_report(suite: str, rows: dict[str, dict], studies: dict[str, list[str]
              "the same dances; energy = joint-speed std ratio vs ground truth (target 0.8-1.25); jitter = "
              "mean-absolute-jerk ratio (target <= 1.5); period match = share of 9 s windows whose dominant "
              "motion period matches the song's beat/bar period (ground truth in the last row of each table); "
-             "BAS = beat alignment score.", "", PAPER_NOTE, ""]
+             "BAS = beat alignment score. For ours, MSE, energy and jitter are the model as trained (before the "
+             "output low-pass and gain fitted after training; the baselines have none), period match and BAS are "
+             "after it. Each run keeps its best epoch by the calibrated selection score (trainer/train.py).",
+             "", PAPER_NOTE, ""]
     for study, names in studies.items():
         lines += [f"## {study}", "",
                   "| run | " + " | ".join(c[1] for c in COLUMNS) + " | params | epochs | s/epoch |",
@@ -202,6 +205,7 @@ def run_suite(suite: str, minutes_per_run: float = 4.0, out_root="runs/experimen
     doc.parent.mkdir(parents=True, exist_ok=True)
     plot_suite(suite, rows, studies, doc.parent / f"experiments_{suite}.png")
     cmd = " ".join(["python -m trainer experiments", f"--suite {suite}", f"--minutes-per-run {minutes_per_run:g}"]
+                   + ([f"--out {out_root.parent}"] if str(out_root.parent) != "runs/experiments" else [])
                    + [f"--config {c}" for c in config_files] + [f"--set {x}" for x in sets])
     write_report(suite, rows, studies, doc, minutes_per_run, cmd, out_root, notes)
     return rows
