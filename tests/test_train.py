@@ -31,7 +31,7 @@ def fake_root(tmp_path_factory):
 def test_train_resume_generate(fake_root, tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEDANCE_DATA", str(fake_root))
     run = tmp_path / "run"
-    cfg = build_config([], SMALL + ["epochs=6"])
+    cfg = build_config([], SMALL + ["epochs=6", "selection=calibrated"])
     m = train(cfg, run, progress=False)
     hist = json.loads((run / "history.json").read_text())
     assert len(hist) == 6
@@ -49,7 +49,7 @@ def test_train_resume_generate(fake_root, tmp_path, monkeypatch):
     assert m["training"]["best_epoch"] == 1 + int(np.argmin([h["val_score"] for h in hist]))
 
     # Resume: continues from epoch 6 to 8 with the same split, history extended.
-    m2 = train(build_config([], SMALL + ["epochs=8"]), run, resume=True, progress=False)
+    m2 = train(build_config([], SMALL + ["epochs=8", "selection=calibrated"]), run, resume=True, progress=False)
     hist2 = json.loads((run / "history.json").read_text())
     assert [h["epoch"] for h in hist2] == list(range(1, 9))
     assert hist2[:6] == hist

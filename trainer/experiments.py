@@ -99,7 +99,8 @@ def write_report(suite: str, rows: dict[str, dict], studies: dict[str, list[str]
              "motion period matches the song's beat/bar period (ground truth in the last row of each table); "
              "BAS = beat alignment score. For ours, MSE, energy and jitter are the model as trained (before the "
              "output low-pass and gain fitted after training; the baselines have none), period match and BAS are "
-             "after it. Each run keeps its best epoch by the calibrated selection score (trainer/train.py).",
+             "after it. Each run keeps its best epoch by the selection rule of its config (`selection`, see the "
+             "command; trainer/train.py validate).",
              "", PAPER_NOTE, ""]
     for study, names in studies.items():
         lines += [f"## {study}", "",
