@@ -84,13 +84,16 @@ def _fmt(v) -> str:
 
 
 def write_report(suite: str, rows: dict[str, dict], studies: dict[str, list[str]], doc: pathlib.Path,
-                 minutes_per_run: float, command: str, out_root: pathlib.Path, notes: str = "") -> None:
+                 minutes_per_run: float, command: str, out_root: pathlib.Path, notes: str = "",
+                 budget_clock: str = "cpu") -> None:
+    budget = (f"{minutes_per_run:g} min of CPU time on one thread (the process's CPU clock, so runs get the "
+              f"same work however busy the shared 2-core machine is; s/epoch below is wall time and varies "
+              f"with the load)" if budget_clock == "cpu" else
+              f"{minutes_per_run:g} min of wall-clock training time on this shared 2-core machine")
     lines = [f"# Experiments: suite `{suite}`", "",
              f"Produced by `{command}` ({time.strftime('%Y-%m-%d %H:%M')}). Every run trains the default "
              f"configuration (trainer/config.py) with one field changed, on the same split (by dance, "
-             f"stratified by style), for the same training budget of {minutes_per_run:g} min of CPU time on "
-             f"one thread (the process's CPU clock, so runs get the same work however busy the shared "
-             f"2-core machine is; s/epoch below is wall time and varies with the load), and is judged "
+             f"stratified by style), for the same training budget of {budget}, and is judged "
              f"free-running on the held-out dances. Runs are in "
              f"`{out_root}/`.", "",
              "Columns: MSE on the normalized keypoints (the paper's metric) and the frozen mean pose's MSE on "
@@ -208,7 +211,7 @@ def run_suite(suite: str, minutes_per_run: float = 4.0, out_root="runs/experimen
     cmd = " ".join(["python -m trainer experiments", f"--suite {suite}", f"--minutes-per-run {minutes_per_run:g}"]
                    + ([f"--out {out_root.parent}"] if str(out_root.parent) != "runs/experiments" else [])
                    + [f"--config {c}" for c in config_files] + [f"--set {x}" for x in sets])
-    write_report(suite, rows, studies, doc, minutes_per_run, cmd, out_root, notes)
+    write_report(suite, rows, studies, doc, minutes_per_run, cmd, out_root, notes, base.budget_clock)
     return rows
 
 
