@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 STAGES = ("features", "model", "publish")
 WATCHDOG_EVERY_S = 1.0  # the unit's WatchdogSec is 20 s: many keep-alives per period
 STALL_S = 10.0  # a live source that delivers nothing this long is broken: exit non-zero, systemd restarts us
+LATENCIES_KEPT = 25 * 3600  # RunStats keeps the last hour of per-frame latencies (a live run lasts for days)
 
 
 def sd_notify(message: str) -> bool:
@@ -55,7 +56,12 @@ def sd_notify(message: str) -> bool:
 
 @dataclasses.dataclass
 class RunStats:
-    """What a run measured. Latencies in ms, CPU in seconds."""
+    """What a run measured. Latencies in ms, CPU in seconds.
+
+    `stage_cpu_s` is each stage's thread CPU; `loop_cpu_s` is the processing thread's whole CPU
+    over the run (the stages plus the loop's own work: ring, chunk bookkeeping, clocks, metrics,
+    commands); `capture_cpu_s` is the capture thread's. `process_cpu_s` adds every other thread
+    of the process too (paho's network thread, ...)."""
 
     frames: int = 0
     published: int = 0
@@ -65,8 +71,10 @@ class RunStats:
     dropped_frames: int = 0
     overflows: int = 0
     stage_cpu_s: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    loop_cpu_s: float = 0.0
+    capture_cpu_s: float = 0.0
     process_cpu_s: float = 0.0
-    latency_ms: list = dataclasses.field(default_factory=list)
+    latency_ms: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=LATENCIES_KEPT))
     error: str = ""
 
     def summary(self) -> dict:
@@ -81,6 +89,9 @@ class RunStats:
             "latency_ms_max": round(float(lat.max()), 2) if len(lat) else None,
             "cpu_ms_per_audio_s": {k: round(1000 * v / per_audio_s, 3) for k, v in self.stage_cpu_s.items()},
             "cpu_ms_per_audio_s_total": round(1000 * sum(self.stage_cpu_s.values()) / per_audio_s, 3),
+            "cpu_ms_per_audio_s_loop": round(1000 * self.loop_cpu_s / per_audio_s, 3),
+            "cpu_ms_per_audio_s_capture": round(1000 * self.capture_cpu_s / per_audio_s, 3),
+            "cpu_ms_per_audio_s_process": round(1000 * self.process_cpu_s / per_audio_s, 3),
             "process_cpu_percent": round(100 * self.process_cpu_s / max(self.wall_s, 1e-9), 2),
             "error": self.error,
         }
@@ -91,7 +102,8 @@ class _Ring:
 
     A live source (microphone, real-time file, stdin) cannot wait: the oldest audio is
     dropped and counted. A file read as fast as possible (`block=True`) waits instead,
-    so every sample is processed."""
+    so every sample is processed. The loop asks for the samples that complete its next pose
+    frame and is woken once they are there (25 times a second, not once per 10 ms chunk)."""
 
     def __init__(self, max_samples: int, block: bool = False):
         self.max_samples = max_samples
@@ -100,30 +112,40 @@ class _Ring:
         self._n = 0
         self.dropped_samples = 0
         self._cv = threading.Condition()
+        self._want = 1  # samples the waiting reader needs before a wake-up is worth it
+        self._put_waiting = False  # a blocking put waits for room: the reader takes what there is
         self.closed = False
 
     def put(self, chunk):
         with self._cv:
             while self.block and self._q and self._n + len(chunk.pcm) > self.max_samples and not self.closed:
+                self._put_waiting = True
+                self._cv.notify_all()
                 self._cv.wait(0.2)
+            self._put_waiting = False
             self._q.append(chunk)
             self._n += len(chunk.pcm)
             while self._n > self.max_samples and len(self._q) > 1:
                 old = self._q.popleft()
                 self._n -= len(old.pcm)
                 self.dropped_samples += len(old.pcm)
-            self._cv.notify()
+            if self._n >= self._want:
+                self._cv.notify()
 
-    def get(self, timeout: float):
+    def get(self, timeout: float, min_samples: int = 1) -> list | None:
+        """Every chunk in the ring once it holds `min_samples`, is closed, or a blocking put waits
+        for room; None when `timeout` passes first (the chunks stay for the next call)."""
         with self._cv:
-            if not self._q and not self.closed:
-                self._cv.wait(timeout)
-            if not self._q:
+            self._want = max(1, min_samples)
+            ready = self._cv.wait_for(lambda: self._n >= self._want or self.closed or self._put_waiting, timeout)
+            self._want = 1
+            if not ready or not self._q:
                 return None
-            c = self._q.popleft()
-            self._n -= len(c.pcm)
+            chunks = list(self._q)
+            self._q.clear()
+            self._n = 0
             self._cv.notify_all()  # a blocked put may go on
-            return c
+            return chunks
 
     def close(self):
         with self._cv:
@@ -169,6 +191,7 @@ class Pipeline:
         delegates, first-call allocations) must not land on the first live frame's latency."""
         self._extractor.process(np.zeros(self.spf, np.int16))
         self._stepper.step(np.zeros(self.bundle.n_features, np.float32))
+        np.percentile(np.zeros(2), (50, 99))  # the metrics' first call imports lazily: ~13 ms on a live frame
 
     # --- control (any thread) -------------------------------------------------------
 
@@ -193,6 +216,7 @@ class Pipeline:
         self._beat_index = 0
 
     def _capture(self):
+        c0 = time.thread_time()
         try:
             for chunk in self.source:
                 if self._stop.is_set():
@@ -201,6 +225,7 @@ class Pipeline:
         except BaseException as e:  # reported by run(), never lost in a thread
             self._capture_error = e
         finally:
+            self.stats.capture_cpu_s = time.thread_time() - c0
             self._source_done.set()
             self._ring.close()
 
@@ -211,7 +236,7 @@ class Pipeline:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 handlers[sig] = signal.signal(sig, self.stop)
         cap = threading.Thread(target=self._capture, name="audio-capture", daemon=True)
-        t0_wall, t0_cpu = time.monotonic(), time.process_time()
+        t0_wall, t0_cpu, t0_loop = time.monotonic(), time.process_time(), time.thread_time()
         last_dog = last_metrics = last_audio = time.monotonic()
         if self.publisher is not None:
             self.publisher.status(self.state, bundle=self.bundle.path.name, fps=self.fps,
@@ -221,7 +246,7 @@ class Pipeline:
             sd_notify("READY=1\nSTATUS=listening")
         try:
             while not self._stop.is_set():
-                chunk = self._ring.get(timeout=0.2)
+                chunks = self._ring.get(timeout=0.2, min_samples=self._samples_to_next_frame())
                 now = time.monotonic()
                 if self.watchdog and now - last_dog >= WATCHDOG_EVERY_S:
                     sd_notify("WATCHDOG=1")
@@ -231,7 +256,7 @@ class Pipeline:
                 if self.publisher is not None and now - last_metrics >= self.metrics_interval_s:
                     self.publisher.metrics(self._metrics())
                     last_metrics = now
-                if chunk is None:
+                if chunks is None:
                     if self._source_done.is_set():
                         break
                     if self.live and now - last_audio > STALL_S:
@@ -240,9 +265,11 @@ class Pipeline:
                         break
                     continue
                 last_audio = now
-                self._process(chunk)
-                if self.max_seconds and st.audio_s >= self.max_seconds:
-                    break
+                for chunk in chunks:
+                    self._process(chunk)
+                    if self.max_seconds and st.audio_s >= self.max_seconds:
+                        self._stop.set()
+                        break
         finally:
             self.stop()
             if self.watchdog:
@@ -253,6 +280,7 @@ class Pipeline:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
             st.wall_s = time.monotonic() - t0_wall
+            st.loop_cpu_s = time.thread_time() - t0_loop
             st.process_cpu_s = time.process_time() - t0_cpu
             st.overflows = int(getattr(self.source, "overflows", 0))
             dropped = self._ring.dropped_samples + int(getattr(self.source, "dropped_samples", 0))
@@ -261,6 +289,9 @@ class Pipeline:
             st.error = f"audio source failed: {self._capture_error}"
             raise self._capture_error
         return st
+
+    def _samples_to_next_frame(self) -> int:
+        return (self._frame + 1) * self.spf - self._n_in - self._n_pending
 
     def _process(self, chunk):
         """Collect chunks until the next pose frame is complete, then run the stages once.

@@ -18,6 +18,11 @@ MQTT 5 is used where the broker speaks it; `protocol = auto` falls back to 3.1.1
 broker refuses version 5. The last will is a retained `status` with state `offline`.
 `cmd` messages (protocol.decode-validated) go to the `on_command(cmd, args)` callback,
 called on paho's network thread: keep it short (queue the work).
+
+Validation sits at the boundaries (received commands, configuration, status info); the
+messages built here from the pipeline's numbers are not re-validated on the audio loop:
+pose frames go through `protocol.PoseEncoder` (a template, no dict), beats through
+`encode_json(check=False)`. The tests hold both to the schema, through a real Mosquitto.
 """
 from __future__ import annotations
 
@@ -71,6 +76,7 @@ class Publisher:
         self.boot = secrets.token_hex(4)
         self.client_id = client_id or f"edgedance-{device_id}-{self.boot}"
         self.topics = {k: protocol.topic(device_id, k) for k in protocol.KINDS}
+        self._pose_encoder = protocol.PoseEncoder(device_id, fmt)
         self._seq = collections.Counter()
         self._lock = threading.RLock()
         self._online = False
@@ -307,12 +313,14 @@ class Publisher:
         return protocol.encode_json(msg)
 
     def pose(self, *, frame: int, t_audio: float, t_capture: float, fps: float, kp, heading: float,
-             beat: dict) -> dict:
-        msg = protocol.pose_message(self.device_id, self._next("pose"), time.time(), frame=frame, t_audio=t_audio,
-                                    t_capture=t_capture, fps=fps, kp=kp, heading=heading, beat=beat)
-        payload = protocol.encode_binary(msg) if self.fmt == "binary" else protocol.encode_json(msg)
+             beat: dict) -> bytes:
+        """One pose frame (kp (14, 2), keypoints clipped to [-1, 1]); returns the payload handed to MQTT.
+
+        The hot path: protocol.PoseEncoder fills a template, no dict is built or validated."""
+        payload = self._pose_encoder.encode(self._next("pose"), time.time(), frame=frame, t_audio=t_audio,
+                                            t_capture=t_capture, fps=fps, kp=kp, heading=heading, beat=beat)
         self._send("pose", payload)
-        return msg
+        return payload
 
     def beat(self, *, frame: int, t_audio: float, t_capture: float, bpm: float, meter: int, beat_in_bar: int,
              next_beat_in: float, beat_index: int) -> dict:
@@ -320,7 +328,7 @@ class Publisher:
                "t": time.time(), "frame": int(frame), "t_audio": float(t_audio), "t_capture": float(t_capture),
                "bpm": float(bpm), "meter": int(meter), "beat_in_bar": int(beat_in_bar),
                "next_beat_in": float(next_beat_in), "beat_index": int(beat_index)}
-        self._send("beat", protocol.encode_json(msg))
+        self._send("beat", protocol.encode_json(msg, check=False))  # built here from numbers: tests check it
         return msg
 
     def status(self, state: str, reason: str = "", **info) -> None:

@@ -21,7 +21,7 @@ from device import protocol
 from device.audio import FileSource, resample, to_pcm16
 from device.demo import DEMO_SAMPLE_RATE_HZ, synthesize_song
 from device.model import load_bundle
-from device.pipeline import Pipeline, generate, sd_notify
+from device.pipeline import Pipeline, _Ring, generate, sd_notify
 from device.publish import Publisher
 from test_publish import Sink  # noqa: E402  (tests/ is on sys.path under pytest)
 
@@ -81,6 +81,9 @@ def test_file_to_subscriber_poses_complete_and_equal_to_generate(broker, song, t
     s = stats.summary()
     assert s["frames"] == T and s["dropped_frames"] == 0 and stats.published == T
     assert s["cpu_ms_per_audio_s_total"] > 0 and set(s["cpu_ms_per_audio_s"]) == {"features", "model", "publish"}
+    # the processing thread's own CPU holds the stages and more; the capture thread is counted apart
+    assert s["cpu_ms_per_audio_s_loop"] >= s["cpu_ms_per_audio_s_total"] > 0 and stats.capture_cpu_s > 0
+    assert s["cpu_ms_per_audio_s_process"] >= s["cpu_ms_per_audio_s_loop"] + s["cpu_ms_per_audio_s_capture"] * 0.9
 
 
 def test_commands_pause_stop_start_latency_and_a_bad_bundle(broker, song, tiny_bundle, tmp_path):
@@ -250,3 +253,57 @@ def test_whole_device_survives_a_broker_restart_and_delivers_the_outage_beats(tm
     assert outage, "no beat fell in the outage window"
     assert stats.frames == len(song9) // 640 and stats.dropped_frames == 0
     assert pub.stats["disconnects"] >= 1 and pub.stats["connects"] >= 2
+
+
+class _C:  # the shape of device.audio.Chunk the ring needs
+    def __init__(self, n, i=0):
+        self.pcm, self.i = np.zeros(n, np.int16), i
+
+
+def test_ring_wakes_the_loop_once_a_frame_is_complete_not_per_chunk():
+    ring = _Ring(16000)
+    got = []
+
+    def reader():
+        while len(got) < 3:
+            chunks = ring.get(timeout=2.0, min_samples=640)
+            if chunks:
+                got.append((time.monotonic(), [c.i for c in chunks]))
+
+    th = threading.Thread(target=reader)
+    th.start()
+    t0 = time.monotonic()
+    for i in range(12):  # 10 ms chunks of 160 samples, at pace
+        time.sleep(0.01)
+        ring.put(_C(160, i))
+    th.join(5)
+    assert [ids for _, ids in got] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert got[0][0] - t0 >= 0.035  # woken by the 4th chunk, not before
+    assert ring.get(timeout=0.05, min_samples=640) is None  # timed out: nothing taken
+    ring.put(_C(160, 12))
+    assert ring.get(timeout=0.05, min_samples=640) is None and ring._n == 160  # kept for the next call
+    ring.close()
+    assert [c.i for c in ring.get(timeout=0.05, min_samples=640)] == [12]  # closed: the rest
+
+
+def test_blocking_ring_smaller_than_a_frame_request_does_not_stall():
+    """A file read as fast as possible (blocking put) into a ring that cannot hold what the loop
+    asks for: the waiting put hands the loop what there is, every sample arrives in order."""
+    ring = _Ring(700, block=True)
+    sizes = [250] * 20
+
+    def writer():
+        for i, n in enumerate(sizes):
+            ring.put(_C(n, i))
+        ring.close()
+
+    th = threading.Thread(target=writer)
+    th.start()
+    seen, t0 = [], time.monotonic()
+    while time.monotonic() - t0 < 5:
+        chunks = ring.get(timeout=0.5, min_samples=640)
+        if chunks is None and ring.closed and not ring._q:
+            break
+        seen += [c.i for c in chunks or []]
+    th.join(5)
+    assert seen == list(range(len(sizes))) and time.monotonic() - t0 < 2.0
