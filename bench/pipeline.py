@@ -13,7 +13,7 @@
    as fast as possible (throughput), once at real-time pace (the latency run below: what the
    device pays while it listens, wake-ups and cold caches included).
 3. Latency through a real Mosquitto (broker.launcher, plain TCP on 127.0.0.1): the device
-   pipeline (`device.pipeline.Pipeline`, file source at real-time pace, 10 ms chunks) publishes
+   pipeline (`device.pipeline.Pipeline`, file source at real-time pace, default chunks) publishes
    to the broker; `mosquitto_sub` (its own process) stamps each pose frame on arrival. Latency = arrival - the
    capture time of the frame's last audio sample. Also: frames dropped (device), frames missing
    at the subscriber, sequence holes; every payload is decoded and validated (protocol.decode).
@@ -36,6 +36,7 @@ import time
 import numpy as np
 
 from bench import write_section
+from device.audio import CHUNK_MS
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +308,7 @@ def main(argv: list[str] | None = None) -> str:
     complete = lat["missing"] == 0 and lat["out_of_order"] == 0 and d["dropped_frames"] == 0
     lines += [
         "",
-        "The runner collects 10 ms capture chunks and calls the extractor once per completed pose frame "
+        f"The runner collects capture chunks ({CHUNK_MS} ms by default) and calls the extractor once per completed pose frame "
         "(no latency cost: a frame cannot be computed before its last sample), which is the left column. "
         "Each stage here runs alone in a tight loop over the whole audio.",
         "",
@@ -347,10 +348,10 @@ def main(argv: list[str] | None = None) -> str:
         "",
         f"### Latency, audio in -> subscriber, through a real Mosquitto ({args.format} payload)",
         "",
-        f"{rt_note} at real-time pace (file source, 10 ms chunks), 25 pose frames per second, device -> "
+        f"{rt_note} at real-time pace (file source, {CHUNK_MS} ms chunks), 25 pose frames per second, device -> "
         "Mosquitto (127.0.0.1, plain TCP) -> `mosquitto_sub` in its own process. Latency = arrival at the subscriber - "
         "capture time of the frame's last audio sample. A microphone adds its own buffering before "
-        "capture (PortAudio: one 10 ms buffer) on top.",
+        f"capture (PortAudio: one {CHUNK_MS} ms buffer) on top.",
         "",
         "| frames | received | missing | out of order | dropped (device) | p50 (ms) | p95 (ms) | p99 (ms) | max (ms) |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -265,11 +265,15 @@ class Pipeline:
                         break
                     continue
                 last_audio = now
-                for chunk in chunks:
-                    self._process(chunk)
-                    if self.max_seconds and st.audio_s >= self.max_seconds:
-                        self._stop.set()
-                        break
+                if self.max_seconds:  # stop at the first chunk that reaches the limit
+                    room = self.max_seconds - st.audio_s
+                    for n, chunk in enumerate(chunks):
+                        room -= len(chunk.pcm) / self.cfg.sample_rate_hz
+                        if room <= 0:
+                            chunks = chunks[:n + 1]
+                            self._stop.set()
+                            break
+                self._process(chunks)
         finally:
             self.stop()
             if self.watchdog:
@@ -293,19 +297,22 @@ class Pipeline:
     def _samples_to_next_frame(self) -> int:
         return (self._frame + 1) * self.spf - self._n_in - self._n_pending
 
-    def _process(self, chunk):
+    def _process(self, chunks):
         """Collect chunks until the next pose frame is complete, then run the stages once.
 
         Waiting for the frame's last sample costs no latency (the frame cannot be made sooner)
-        and one extractor call per frame instead of one per 10 ms chunk halves its CPU."""
+        and one extractor call per frame instead of one per 10 ms chunk halves its CPU. Chunks
+        that arrive together (a backlog) go through the extractor in one call: every frame in it
+        is late already, and one call is cheaper than one per frame."""
         st, sr = self.stats, self.cfg.sample_rate_hz
-        st.audio_s += len(chunk.pcm) / sr
-        if self.state == "stopped":
-            return
-        self._pending.append(chunk.pcm)
-        self._n_pending += len(chunk.pcm)
-        self._chunk_ends.append((self._n_in + self._n_pending, chunk.t_capture))
-        if self._n_in + self._n_pending < (self._frame + 1) * self.spf:
+        for chunk in chunks:
+            st.audio_s += len(chunk.pcm) / sr
+            if self.state == "stopped":
+                continue
+            self._pending.append(chunk.pcm)
+            self._n_pending += len(chunk.pcm)
+            self._chunk_ends.append((self._n_in + self._n_pending, chunk.t_capture))
+        if self.state == "stopped" or self._n_in + self._n_pending < (self._frame + 1) * self.spf:
             return
         pcm = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
         self._pending.clear()

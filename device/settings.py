@@ -63,7 +63,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "loop": Key("bool", False, "source = file: start again at the end"),
         "stdin_rate_hz": Key("int", 16000, "source = stdin: sample rate of the raw s16le mono PCM",
                              choices=(8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000)),
-        "chunk_ms": Key("int", 10, "capture chunk length", lo=5, hi=100),
+        "chunk_ms": Key("int", 40, "capture chunk length (40 = one pose frame: one wake-up per frame)", lo=5, hi=100),
         "ring_s": Key("float", 2.0, "audio buffered between capture and processing before the oldest is dropped",
                       lo=0.2, hi=30),
     },
