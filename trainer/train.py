@@ -252,8 +252,8 @@ def validate(model, mcfg, val: list[Seq], max_frames: int, pose_mean: np.ndarray
     cfg.selection == 'calibrated' (models with the fitted output stage) the score is that of the
     output as it would ship: the low-pass and gain fitted to this epoch's raw output (on these
     dances; it only ranks epochs, the shipped stage is fitted on training dances), so an epoch that
-    moves little but in the dancer's phase beats one that moves more out of phase, and an early,
-    near-frozen epoch no longer wins by raw MSE."""
+    moves little but in the dancer's phase beats one that moves more out of phase (a noisy ranking:
+    see TrainConfig.selection)."""
     per, pairs = [], []
     for s in val:
         T = len(s.x) if max_frames <= 0 else min(len(s.x), max_frames)
