@@ -97,7 +97,10 @@ class Page:
         self.page.goto(url)
 
     def wait(self, js: str, timeout=WAIT_MS):
-        self.page.wait_for_function(js, timeout=timeout)
+        """Until the expression is true. An expression that throws is not true yet (the page's
+        script may not have defined `window.edgedance` at the first poll); a wrong one times out."""
+        self.page.wait_for_function(f"() => {{ try {{ return !!({js}); }} catch (e) {{ return false; }} }}",
+                                    timeout=timeout)
 
     def stats(self) -> dict:
         return self.page.evaluate("window.edgedance.stats")
