@@ -164,22 +164,28 @@ def device_cpu(st, paho_s: float) -> dict:
             "process": ms(st.process_cpu_s)}
 
 
-def pipeline_fast(pcm: np.ndarray, bundle_path, broker) -> dict:
-    """The whole device loop (device.pipeline.Pipeline: ring, chunking, stages, metrics) with a real
-    publisher to Mosquitto, the file read as fast as possible: the throughput figure."""
+def _run_device(pcm: np.ndarray, bundle_path, broker, realtime: bool, fmt: str = "json"):
+    """One device.pipeline.Pipeline run over `pcm` with a real publisher to the broker:
+    (RunStats, CPU seconds of paho's network thread over the run)."""
     from device.audio import FileSource
     from device.model import load_bundle
     from device.pipeline import Pipeline
     from device.publish import Publisher
 
     pub = Publisher("pi1", broker.host, broker.port, username="device-pi1",
-                    password=broker.credentials["device-pi1"])
-    with pub, FileSource("bench", realtime=False, pcm=pcm) as src:
+                    password=broker.credentials["device-pi1"], fmt=fmt)
+    with pub, FileSource("bench", realtime=realtime, pcm=pcm) as src:
         pub.wait_connected(5)
         pipe = Pipeline(src, load_bundle(bundle_path), pub, watchdog=False)
         p0 = _paho_thread_cpu_s()
         st = pipe.run()
-        paho = _paho_thread_cpu_s() - p0
+        return st, _paho_thread_cpu_s() - p0
+
+
+def pipeline_fast(pcm: np.ndarray, bundle_path, broker) -> dict:
+    """The whole device loop (device.pipeline.Pipeline: ring, chunking, stages, metrics) with a real
+    publisher to Mosquitto, the file read as fast as possible: the throughput figure."""
+    st, paho = _run_device(pcm, bundle_path, broker, realtime=False)
     if st.frames != len(pcm) // 640:
         raise RuntimeError(f"the fast run made {st.frames} frames of {len(pcm) // 640}")
     return device_cpu(st, paho)
@@ -192,10 +198,6 @@ def latency_run(pcm: np.ndarray, bundle_path, broker, fmt: str) -> dict:
     import subprocess
 
     from device import protocol
-    from device.audio import FileSource
-    from device.model import load_bundle
-    from device.pipeline import Pipeline
-    from device.publish import Publisher
 
     exe = shutil.which("mosquitto_sub")
     if not exe:
@@ -216,14 +218,7 @@ def latency_run(pcm: np.ndarray, bundle_path, broker, fmt: str) -> dict:
     sampler.start()
     try:
         time.sleep(0.5)  # subscribed
-        pub = Publisher("pi1", broker.host, broker.port, username="device-pi1",
-                        password=broker.credentials["device-pi1"], fmt=fmt)
-        with pub, FileSource("bench", realtime=True, pcm=pcm) as src:
-            pub.wait_connected(5)
-            pipe = Pipeline(src, load_bundle(bundle_path), pub, watchdog=False)
-            p0 = _paho_thread_cpu_s()
-            st = pipe.run()
-            paho = _paho_thread_cpu_s() - p0
+        st, paho = _run_device(pcm, bundle_path, broker, realtime=True, fmt=fmt)
         time.sleep(0.5)
         sub.wait(timeout=10)
     finally:
