@@ -80,6 +80,8 @@ def build_manifest(blob_path: pathlib.Path, models: cv.KerasModels, mode: str, *
         "heading": {"output": cv.HEADING_OUTPUT, "kind": "delta_radians_per_frame",
                     "note": "the device integrates it; the absolute yaw is arbitrary (0 at reset)"},
         "noise": {"dims": sig.noise_dims, "smooth_frames": dm.StreamingModel.NOISE_SMOOTH_FRAMES},
+        "pose_decode": models.pose_decode or {"activation": "tanh", "offset": [0.0] * 28, "scale": [1.0] * 28,
+                                              "note": "pose = tanh(y * scale + offset), y the pose output"},
         "pose_post": models.smoothing,
         "inputs": _tensor_entries(runner.get_input_details(), in_roles, in_names),
         "outputs": _tensor_entries(runner.get_output_details(), out_roles, out_names),
@@ -160,9 +162,11 @@ def tiny_models(n_features: int, seed: int = 0, layers: int = 1, units: int = 16
     tm.set_normalization(seq, x.mean(0), x.std(0), pose_mean=np.full(tm.N_POSE, 0.1, np.float32))
     names = {layer.name for layer in seq.layers}
     if "pose_smooth" in names:
-        tm.set_smoothing(seq, 0.5)  # exercise the device-side low-pass
+        tm.set_smoothing(seq, 0.5, 0.6 if mcfg.has_smooth2 else None)  # exercise the device-side low-pass
     if "pose_gain" in names:
         tm.set_gain(seq, 1.5)  # and gain
+    if mcfg.has_posture:
+        tm.set_posture(seq, 0.1, 1.2)  # about the running posture, itself scaled
     norm = {"n_features": n_features, "feat_mean": x.mean(0).tolist(), "feat_std": x.std(0).tolist(),
             "note": "make_test_bundle: synthetic features, random weights"}
     return cv.from_sequence_model(seq, mcfg, DEFAULT_FEATURES, norm, source=f"make_test_bundle(seed={seed})")

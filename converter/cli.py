@@ -49,6 +49,14 @@ def _training_summary(run, train, val, diff) -> dict:
     return out
 
 
+def _max_gain(run) -> float:
+    """The run's own bound on the output gain (train_config.json max_gain), else the trainer's default."""
+    from trainer.config import TrainConfig
+
+    p = pathlib.Path(run) / "train_config.json"
+    return float(json.loads(p.read_text()).get("max_gain", TrainConfig.max_gain)) if p.exists() else TrainConfig.max_gain
+
+
 def _samples(models, train, args):
     songs = [d.features.x[: args.calib_frames] for d in train]
     return cv.representative_samples(models, songs, n_samples=args.samples)
@@ -72,6 +80,12 @@ def cmd_convert(args) -> int:
     training = _training_summary(args.run, train, val, diff)
     out = bundle.write_bundle(args.out, blob, models, args.quantize, training=training)
     print(f"wrote {out}: {args.quantize}, {len(blob)} bytes")
+    if args.quantize != "float" and not args.keep_output_stage:
+        st = validate.refit_output_stage(out, models, train, _max_gain(args.run))
+        if st is not None:
+            print(f"output stage refitted to the {args.quantize} model: low-pass {st['alpha']:.2f}/{st['alpha2']:.2f}, "
+                  f"gain {st['gain']:.2f} (Keras: {models.smoothing['alpha']:.2f}/{models.smoothing['alpha2']:.2f}, "
+                  f"{models.smoothing['gain']:.2f})")
     if args.report:
         float_size = len(cv.to_tflite(models, "float")) if args.quantize != "float" else len(blob)
         ref = validate.keras_reference(models, val)
@@ -95,12 +109,16 @@ def cmd_report(args) -> int:
     variants = [(mode, mode, {}) for mode in cv.QUANTIZE_MODES]
     variants.append(("int8, states not tied", "int8", {"tie_states": False}))  # the tie's effect
     variants.append(("int8, calibrated input", "int8", {"fixed_input": False}))  # the fixed 1/127 input's
+    variants.append(("int8, Keras output stage", "int8", {"keep_output_stage": True}))  # the refit's
     for label, mode, kw in variants:
-        blob = cv.to_tflite(models, mode, samples if mode in ("int8", "int16x8") else None, **kw)
+        blob = cv.to_tflite(models, mode, samples if mode in ("int8", "int16x8") else None,
+                            **{k: v for k, v in kw.items() if k != "keep_output_stage"})
         if mode == "float":
             float_size = len(blob)
         out = bundle.write_bundle(root / label.replace(", ", "-").replace(" ", "_"), blob, models, mode,
                                   training=_training_summary(args.run, train, val, diff))
+        if mode != "float" and not kw.get("keep_output_stage"):
+            validate.refit_output_stage(out, models, train, _max_gain(args.run))
         row, res = _validate(models, out, val, ref, kf, label, float_size)
         bundle.update_manifest(out, metrics={"held_out": row, "songs": res["songs"], "keras_float": kf["mean"]})
         rows.append(row)
@@ -196,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="bundle folder to write")
     p.add_argument("--report", action="store_true",
                    help="validate on the held-out songs and write the figures into the manifest")
+    p.add_argument("--keep-output-stage", action="store_true",
+                   help="keep the Keras model's output low-pass and gain instead of refitting them to the "
+                        "converted model's own output on the training songs (quantized variants)")
     p.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser("report", help="convert every variant, validate each, write the markdown report")

@@ -29,8 +29,11 @@ Two decisions shape the converted graph:
   low-pass state has a dead zone (a change under half a step / alpha never moves it: 0.011
   for alpha 0.35), a staircase the beat metrics punish. The converted graph is built without
   them (and without their state `smooth_pose`; `KerasModels.graph_signature`), ending at the
-  decoder's pose, and the manifest's `pose_post` {alpha, smooth_mean, gain, gain_mean} has the
-  device run both in float on the dequantized pose (28 values).
+  decoder's pose, and the manifest's `pose_post` {alpha, alpha2, smooth_mean, gain, gain_mean,
+  beta, posture_gain} has the device run both in float on the dequantized pose (28 values): the
+  low-pass s, its second pole q (alpha2 < 1), the running posture (beta > 0,
+  `ModelConfig.posture`: p += beta * (q - p)) and pose = gain_mean + posture_gain * p + gain *
+  (smooth_mean + q - gain_mean - p).
 * The graph is saved from a frozen concrete function. Keras 3 variables otherwise
   stay resource variables in the .tflite and the int8 calibrator fails on READ_VARIABLE.
   Signature outputs are then named output_0.. in the order of `StepSignature.outputs`.
@@ -134,7 +137,8 @@ class KerasModels:
     feat_inv_std: np.ndarray  # (F,)
     signature: StepSignature
     source: str = ""
-    smoothing: dict | None = None  # the pose tail run on the device: {alpha, smooth_mean, gain, gain_mean}
+    smoothing: dict | None = None  # the pose tail run on the device (trainer.model.output_stage_params)
+    pose_decode: dict | None = None  # the pose read-out of the last to_tflite (fit_pose_decode; None = identity)
     _graph_sig: StepSignature | None = dataclasses.field(default=None, repr=False)
 
     def graph_signature(self) -> StepSignature:
@@ -153,15 +157,7 @@ def from_sequence_model(sequence, mcfg, feature_cfg, normalization: dict, source
     step = tm.build_step_model(mcfg, n_features)
     tm.copy_weights(sequence, step)
     mean, inv_std = (np.asarray(w, np.float32) for w in step.get_layer("feat_norm").get_weights())
-    names = {layer.name for layer in step.layers}
-    post = {"alpha": 1.0, "smooth_mean": [0.0] * 28, "gain": 1.0, "gain_mean": [0.0] * 28}
-    if "pose_smooth" in names:
-        sm_mean, alpha = step.get_layer("pose_smooth").get_weights()
-        post.update(alpha=float(alpha[0]), smooth_mean=[float(v) for v in sm_mean])
-    if "pose_gain" in names:
-        g_mean, gain = step.get_layer("pose_gain").get_weights()
-        post.update(gain=float(gain[0]), gain_mean=[float(v) for v in g_mean])
-    smoothing = post if ("pose_smooth" in names or "pose_gain" in names) else None
+    smoothing = tm.output_stage_params(step)
     return KerasModels(sequence, step, mcfg, feature_cfg, dict(normalization), mean, inv_std, describe(step), source,
                        smoothing)
 
@@ -184,8 +180,10 @@ class KerasStepper:
 
         self.models = models
         self.sig = models.graph_signature() if folded else models.signature
-        step = folded_clone(models) if folded else models.step
+        step = folded_clone(models, models.pose_decode) if folded else models.step
         sm = models.smoothing if folded else None
+        dc = (models.pose_decode or {"offset": [0.0] * 28, "scale": [1.0] * 28}) if folded else None
+        self._decode = None if dc is None else (np.asarray(dc["scale"], np.float32), np.asarray(dc["offset"], np.float32))
         self._post = None if sm is None else {k: np.asarray(v, np.float32) for k, v in sm.items()}
         self._fn = tf.function(lambda feed: step(feed, training=False), reduce_retracing=True)
         self.reset()
@@ -193,6 +191,8 @@ class KerasStepper:
     def reset(self):
         self.states = {i: np.zeros(self.sig.input(i).shape, np.float32) for i, _ in self.sig.states}
         self._s = np.zeros((1, 28), np.float32)
+        self._q = np.zeros((1, 28), np.float32)
+        self._p = np.zeros((1, 28), np.float32)
 
     def step(self, x: np.ndarray, noise: np.ndarray | None = None) -> dict:
         feed = {FEATURE_INPUT: np.asarray(x, np.float32).reshape(1, -1), **self.states}
@@ -200,11 +200,16 @@ class KerasStepper:
             feed[NOISE_INPUT] = np.asarray(noise, np.float32).reshape(1, -1)
         out = {k: np.asarray(v) for k, v in self._fn(feed).items()}
         self.states = {i: out[o] for i, o in self.sig.states}
+        if self._decode is not None:  # the folded graph's pose is the linear read-out
+            out[POSE_OUTPUT] = np.tanh(out[POSE_OUTPUT] * self._decode[0] + self._decode[1])
         if self._post is not None:  # the folded graph leaves the low-pass and the gain to the device
             p = self._post
             self._s += p["alpha"] * (out[POSE_OUTPUT] - p["smooth_mean"] - self._s)
-            y = p["smooth_mean"] + self._s
-            out[POSE_OUTPUT] = np.clip(p["gain_mean"] + p["gain"] * (y - p["gain_mean"]), -1.0, 1.0)
+            self._q += p["alpha2"] * (self._s - self._q)  # the second pole (alpha2 1: q = s)
+            self._p += p["beta"] * (self._q - self._p)  # the running posture (beta 0: stays at the mean)
+            d = p["smooth_mean"] + self._q - p["gain_mean"]
+            pose = p["gain_mean"] + p["posture_gain"] * self._p + p["gain"] * (d - self._p)
+            out[POSE_OUTPUT] = np.clip(pose, -1.0, 1.0)
         return out
 
     def run(self, x: np.ndarray, noise: np.ndarray | None = None, record_every: int = 0):
@@ -263,17 +268,19 @@ def representative_samples(models: KerasModels, songs: list[np.ndarray], n_sampl
 # TFLite
 
 
-def folded_clone(models: KerasModels):
+def folded_clone(models: KerasModels, pose_decode: dict | None = None):
     """A copy of the step model with feat_norm folded into the LSTMs (feat_norm = identity) and
-    without the pose tail (low-pass, gain, the smooth_pose state): the device runs it in float
-    (module doc), so the graph ends at the decoder's pose."""
+    without the pose tail (low-pass, gain, posture, their states): the device runs it in float
+    (module doc), so the graph ends at the decoder. Its pose leaves as the linear read-out
+    y = (W h + b - offset) / scale (`trainer.model.DecoderCell.pose_out`; `pose_decode`
+    {offset, scale}, per coordinate; identity when None) and the device takes tanh(y * scale +
+    offset): in int8, tanh's output has a fixed 1/128 grid over [-1, 1] for all 28 coordinates
+    at once, while y gives each coordinate 256 steps over its own range of motion."""
     from trainer import model as tm
 
-    mcfg = models.mcfg
-    if models.smoothing is not None:
-        mcfg = dataclasses.replace(mcfg, smooth=False, output_gain=False)
-    clone = tm.build_step_model(mcfg, models.signature.n_features)
-    tm.copy_weights(models.step, clone)  # by name: the tail's layers are not in the clone
+    mcfg = dataclasses.replace(models.mcfg, smooth=False, output_gain=False)
+    clone = tm.build_step_model(mcfg, models.signature.n_features, pose_out=True)
+    tm.copy_weights(models.step, clone, strict=False)  # by name: the tail's layers are not in the clone
     n = models.signature.n_features
     clone.get_layer("feat_norm").set_weights([np.zeros(n, np.float32), np.ones(n, np.float32)])
     m, s = models.feat_mean.astype(np.float64), models.feat_inv_std.astype(np.float64)
@@ -282,7 +289,31 @@ def folded_clone(models: KerasModels):
     if getattr(mcfg, "skip_features", False):  # the decoder also sees the normalised features
         offset = mcfg.units * (1 + bool(mcfg.attention))  # decoder input: [h, ctx, xn, prev pose]
         _fold_rows(clone.get_layer("decoder").lstm, offset, m, s)
+    dec = clone.get_layer("decoder")
+    W, b = (w.astype(np.float64) for w in dec.pose_head.get_weights())
+    dc = pose_decode or {"offset": [0.0] * 28, "scale": [1.0] * 28}
+    off, sc = np.asarray(dc["offset"], np.float64), np.asarray(dc["scale"], np.float64)
+    dec.pose_out_head.set_weights([(W / sc).astype(np.float32), ((b - off) / sc).astype(np.float32)])
     return clone
+
+
+POSE_RANGE_PERCENTILE = 99.9  # the int8 pose read-out spans this share of each coordinate's motion
+
+
+def fit_pose_decode(models: KerasModels, samples: list[dict], pct: float = POSE_RANGE_PERCENTILE) -> dict:
+    """Per coordinate of the pose pre-activation z = W h + b over the representative samples:
+    offset = its mean, scale = the pct-th percentile of |z - offset| (so y = (z - offset) / scale
+    is within [-1, 1] but for the tails). For `folded_clone` and the manifest's `pose_decode`."""
+    import tensorflow as tf
+
+    step = folded_clone(models)  # identity decode: the pose output is z
+    names = [i.name for i in step.inputs]
+    fn = tf.function(lambda feed: step(feed, training=False)[POSE_OUTPUT])
+    z = np.concatenate([np.asarray(fn({k: smp[k].astype(np.float32) for k in names})) for smp in samples])
+    off = z.mean(0)
+    sc = np.maximum(np.percentile(np.abs(z - off), pct, axis=0), 1e-3)
+    return {"activation": "tanh", "offset": [float(v) for v in off], "scale": [float(v) for v in sc],
+            "note": "pose = tanh(y * scale + offset), y the dequantized pose output"}
 
 
 def _fold_rows(cell, offset: int, mean: np.ndarray, inv_std: np.ndarray) -> None:
@@ -433,7 +464,10 @@ def to_tflite(models: KerasModels, mode: str, samples: list[dict] | None = None,
         raise ConversionError(f"quantize={mode!r}: choose one of {QUANTIZE_MODES}")
     if mode in ("int8", "int16x8") and not samples:
         raise ConversionError(f"quantize={mode}: needs representative samples (real features)")
-    step = folded_clone(models)
+    # The pose read-out's per-coordinate map: fitted for the integer variants, identity in float.
+    # Kept on `models` for the bundle written next (write_bundle puts it in the manifest).
+    models.pose_decode = fit_pose_decode(models, samples) if mode in ("int8", "int16x8") else None
+    step = folded_clone(models, models.pose_decode)
     sig = describe(step)
     in_names = [s.name for s in sig.inputs]
     out_names = [s.name for s in sig.outputs]

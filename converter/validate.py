@@ -51,6 +51,47 @@ def load_split(run_dir, data_root=None, cache_dir=None):
     return dataset.split_by_dance(dances, float(tcfg.get("val_fraction", 0.2)), int(tcfg.get("split_seed", 0)))
 
 
+REFIT_DANCES, REFIT_FRAMES = 10, 1500  # as trainer.train.calibrate_gain fits the Keras model's stage
+
+
+def refit_output_stage(bundle_dir, models: cv.KerasModels, train_dances, max_gain: float = 4.0) -> dict | None:
+    """Fit the output stage (low-pass, second pole, posture, gains: trainer.train.fit_output_stage)
+    to what the converted model itself outputs on TRAINING dances, and write it into the bundle's
+    manifest (`pose_post`; the Keras model's own stage is kept as `pose_post_keras`). A quantized
+    LSTM adds frame-to-frame rounding noise that the Keras model's gain would amplify (jitter
+    several times a dancer's); the refit smooths and amplifies what this model outputs. The
+    means are the Keras stage's. Returns the fit (None: the model has no output stage)."""
+    from converter import bundle as cb
+    from device.model import load_bundle
+    from trainer.train import fit_output_stage
+
+    keras_post = models.smoothing
+    if keras_post is None:
+        return None
+    b = load_bundle(bundle_dir)
+    b.manifest["pose_post"] = None  # in memory only: the stepper outputs the decoder's pose
+    mean = np.asarray(keras_post["gain_mean"], np.float64)
+    pairs = []
+    with b.stepper() as s:
+        for d in train_dances[:: max(1, len(train_dances) // REFIT_DANCES)][:REFIT_DANCES]:
+            x = d.features.x[:REFIT_FRAMES]
+            pairs.append((s.run(x)[0].reshape(len(x), -1).astype(np.float64), d.poses[:REFIT_FRAMES].reshape(-1, 28)))
+    mcfg = models.mcfg
+    st = fit_output_stage(pairs, mean, max_gain, mcfg.smooth, mcfg.output_gain, mcfg.has_posture, mcfg.has_smooth2)
+    post = {**keras_post, **{k: float(st[k]) for k in ("alpha", "alpha2", "gain", "beta", "posture_gain")}}
+    cb.update_manifest(bundle_dir, pose_post=post, pose_post_keras=keras_post,
+                       pose_post_fit={"fitted_on": "the converted model's output on training dances",
+                                      "dances": len(pairs), "frames_each": REFIT_FRAMES, "max_gain": max_gain,
+                                      "energy_ratio_before": st["energy_ratio"], "jitter_ratio_before": st["jitter_ratio"]})
+    from device.selftest import write_bundle_golden
+
+    write_bundle_golden(bundle_dir)  # the selftest's reference output changes with the stage
+    log.info("%s: output stage refitted: alpha %.2f/%.2f gain %.2f beta %.3f posture gain %.2f (Keras: %.2f/%.2f, %.2f)",
+             bundle_dir, st["alpha"], st["alpha2"], st["gain"], st["beta"], st["posture_gain"],
+             keras_post["alpha"], keras_post["alpha2"], keras_post["gain"])
+    return st
+
+
 def keras_reference(models: cv.KerasModels, dances) -> dict[str, np.ndarray]:
     """The Keras float sequence model over each song: name -> (T, 29)."""
     return {d.name: cv.sequence_outputs(models, d.features.x) for d in dances}

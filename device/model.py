@@ -260,10 +260,20 @@ def load_bundle(path, cfg: FeatureConfig = DEFAULT_FEATURES) -> Bundle:
         _fail(mpath, "heading.kind", f"{heading['kind']!r} is not 'delta_radians_per_frame'")
     for key in ("model_config", "training", "metrics", "versions"):
         _get(m, key, dict, mpath)
+    dec = m.get("pose_decode")
+    if dec is not None:  # bundles before it output the pose itself
+        if not isinstance(dec, dict) or dec.get("activation") != "tanh":
+            _fail(mpath, "pose_decode", "expected null or an object {activation: 'tanh', offset, scale}")
+        for key in ("offset", "scale"):
+            v = _get(dec, key, list, mpath, "pose_decode.")
+            if len(v) != N_POSE or not all(isinstance(e, (int, float)) and math.isfinite(e) for e in v):
+                _fail(mpath, f"pose_decode.{key}", f"must be {N_POSE} finite numbers")
+        if min(dec["scale"]) <= 0:
+            _fail(mpath, "pose_decode.scale", "must be > 0")
     post = m.get("pose_post")
     if post is not None:
         if not isinstance(post, dict):
-            _fail(mpath, "pose_post", "expected null or an object {alpha, smooth_mean, gain, gain_mean}")
+            _fail(mpath, "pose_post", "expected null or an object {alpha, smooth_mean, gain, gain_mean[, beta, posture_gain]}")
         alpha = _get(post, "alpha", float, mpath, "pose_post.")
         if not 0.0 < alpha <= 1.0:
             _fail(mpath, "pose_post.alpha", f"{alpha} is not in (0, 1]")
@@ -274,6 +284,18 @@ def load_bundle(path, cfg: FeatureConfig = DEFAULT_FEATURES) -> Bundle:
             v = _get(post, key, list, mpath, "pose_post.")
             if len(v) != N_POSE or not all(isinstance(e, (int, float)) and math.isfinite(e) for e in v):
                 _fail(mpath, f"pose_post.{key}", f"must be {N_POSE} finite numbers")
+        if "alpha2" in post:  # the low-pass's second pole; absent in bundles made before it (= 1, off)
+            a2 = _get(post, "alpha2", float, mpath, "pose_post.")
+            if not 0.0 < a2 <= 1.0:
+                _fail(mpath, "pose_post.alpha2", f"{a2} is not in (0, 1] (1 = no second pole)")
+        if "beta" in post:  # the running posture's coefficient; absent in bundles made before it (= 0)
+            beta = _get(post, "beta", float, mpath, "pose_post.")
+            if not 0.0 <= beta < 1.0:
+                _fail(mpath, "pose_post.beta", f"{beta} is not in [0, 1) (0 = no running posture)")
+        if "posture_gain" in post:
+            pg = _get(post, "posture_gain", float, mpath, "pose_post.")
+            if not (math.isfinite(pg) and pg > 0):
+                _fail(mpath, "pose_post.posture_gain", f"{pg} must be a positive number")
 
     ins = _tensor_list(m, "inputs", ROLES_IN, mpath)
     outs = _tensor_list(m, "outputs", ROLES_OUT, mpath)
@@ -452,14 +474,25 @@ class StreamingModel:
         self._pose = np.zeros((N_KEYPOINTS, 2), np.float32)
         self._pose_flat = self._pose.reshape(-1)
         # The model's pose tail, in float: low-pass s += alpha * (y - ms - s), y = ms + s; then
-        # the gain y = clip(mg + g * (y - mg), -1, 1).
+        # the gain y = clip(mg + g * (y - mg), -1, 1), or with a running posture (beta > 0:
+        # p += beta * (s - p)) y = clip(mg + gp * p + g * (y - mg - p), -1, 1).
+        dec = bundle.manifest.get("pose_decode")  # pose = tanh(y * scale + offset), y the dequantized output
+        self._decode = None if dec is None else (np.asarray(dec["scale"], np.float32), np.asarray(dec["offset"], np.float32))
         post = bundle.manifest.get("pose_post")
-        self._smooth = self._gain = None
-        if post is not None and float(post["alpha"]) < 1.0:
+        self._smooth = self._gain = self._posture = None
+        posture = post is not None and float(post["gain"]) != 1.0 and float(post.get("beta", 0.0)) > 0.0
+        alpha2 = float(post.get("alpha2", 1.0)) if post is not None else 1.0
+        if post is not None and (float(post["alpha"]) < 1.0 or alpha2 < 1.0 or posture):
             self._smooth = (np.full(N_POSE, post["alpha"], np.float32), np.asarray(post["smooth_mean"], np.float32),
                             np.zeros(N_POSE, np.float32))
+        # the second pole: (alpha2, q, scratch); q is what the posture and the gain then read
+        self._smooth2 = (np.float32(alpha2), np.zeros(N_POSE, np.float32), np.zeros(N_POSE, np.float32)) \
+            if alpha2 < 1.0 else None
         if post is not None and float(post["gain"]) != 1.0:
             self._gain = (np.full(N_POSE, post["gain"], np.float32), np.asarray(post["gain_mean"], np.float32))
+        if posture:  # (beta, posture gain, p, scratch)
+            self._posture = (np.float32(post["beta"]), np.float32(post.get("posture_gain", 1.0)),
+                             np.zeros(N_POSE, np.float32), np.zeros(N_POSE, np.float32))
 
         self._views = None
         self._invoke = self._interp.invoke
@@ -510,6 +543,10 @@ class StreamingModel:
         del v
         if self._smooth is not None:
             self._smooth[2].fill(0.0)  # the smoothed pose starts at the mean pose
+        if self._smooth2 is not None:
+            self._smooth2[1].fill(0.0)
+        if self._posture is not None:
+            self._posture[2].fill(0.0)  # and so does the posture
         self.heading = 0.0
         self._rng = np.random.default_rng(self._seed)
         if self._noise is not None:
@@ -555,6 +592,10 @@ class StreamingModel:
         pose = self._pose_flat
         np.multiply(v.pose, self._pose_s, out=pose)
         np.subtract(pose, self._pose_off, out=pose)
+        if self._decode is not None:
+            np.multiply(pose, self._decode[0], out=pose)
+            np.add(pose, self._decode[1], out=pose)
+            np.tanh(pose, out=pose)
         if self._smooth is not None:
             alpha, mean, st = self._smooth
             np.subtract(pose, mean, out=pose)
@@ -562,7 +603,26 @@ class StreamingModel:
             np.multiply(pose, alpha, out=pose)
             np.add(st, pose, out=st)
             np.add(mean, st, out=pose)
-        if self._gain is not None:
+        if self._smooth2 is not None:  # q += alpha2 * (s - q); pose = ms + q
+            a2, q, tmp = self._smooth2
+            np.subtract(self._smooth[2], q, out=tmp)
+            np.multiply(tmp, a2, out=tmp)
+            np.add(q, tmp, out=q)
+            np.add(self._smooth[1], q, out=pose)
+        if self._posture is not None:
+            beta, gp, p, c = self._posture
+            st = self._smooth[2] if self._smooth2 is None else self._smooth2[1]
+            g, mean = self._gain
+            np.subtract(st, p, out=c)
+            np.multiply(c, beta, out=c)
+            np.add(p, c, out=p)  # p += beta * (s - p)
+            np.subtract(pose, mean, out=pose)
+            np.subtract(pose, p, out=pose)
+            np.multiply(pose, g, out=pose)
+            np.multiply(p, gp, out=c)
+            np.add(pose, c, out=pose)
+            np.add(pose, mean, out=pose)  # mg + gp * p + g * (y - mg - p)
+        elif self._gain is not None:
             g, mean = self._gain
             np.subtract(pose, mean, out=pose)
             np.multiply(pose, g, out=pose)

@@ -107,9 +107,15 @@ def write_bundle_golden(bundle_dir, frames: int = GOLDEN_FRAMES) -> pathlib.Path
 
 
 def _pose_tolerance(b) -> float:
-    """Two quantization steps of the pose output (int8 kernels may round differently on ARM), at least 1e-4."""
+    """Two quantization steps of the pose output (int8 kernels may round differently on ARM), as
+    they reach the pose (through the read-out's scale and the output gain), at least 1e-4."""
     t = next(o for o in b.outputs.values() if o.role == "pose")
-    return max(2.0 * t.scale, 1e-4) if t.scale else 1e-4
+    if not t.scale:
+        return 1e-4
+    dec, post = b.manifest.get("pose_decode"), b.manifest.get("pose_post")
+    k = max(dec["scale"]) if dec else 1.0
+    k *= max(float(post["gain"]), float(post.get("posture_gain", 1.0))) if post else 1.0
+    return max(2.0 * t.scale * k, 1e-4)
 
 
 def check_bundle(bundle_path, cfg: FeatureConfig = DEFAULT_FEATURES) -> Result:

@@ -42,7 +42,8 @@ def test_good_bundle_loads_and_streams(bundle_dir):
     # every state of the step model, but the pose tail's: the device runs the low-pass itself
     specs = {n for n, _ in step_state_specs(ModelConfig.from_dict(b.manifest["model_config"]))}
     assert b.manifest["pose_post"] is not None and "smooth_pose" in specs
-    assert {a for a, _ in b.states} == specs - {"smooth_pose"}
+    assert "posture_pose" in specs and b.manifest["pose_post"]["beta"] > 0
+    assert {a for a, _ in b.states} == specs - {"smooth_pose", "smooth_pose2", "posture_pose"}
     assert {"enc_h_0", "enc_c_0", "att_buf", "dec_h", "dec_c", "prev_pose"} <= {a for a, _ in b.states}
     x = synthetic_features(50, F, seed=9)
     with b.stepper() as s:
@@ -134,6 +135,42 @@ def test_normalization_length(copy):
     edit_manifest(copy, lambda m: m["normalization"]["feat_mean"].pop())
     with pytest.raises(dm.BundleError, match="normalization.feat_mean"):
         dm.load_bundle(copy)
+
+
+@pytest.mark.parametrize("beta", [1.0, -0.1, "0.1"])
+def test_posture_coefficient(copy, beta):
+    edit_manifest(copy, lambda m: m["pose_post"].update(beta=beta))
+    with pytest.raises(dm.BundleError, match="pose_post.beta"):
+        dm.load_bundle(copy)
+
+
+@pytest.mark.parametrize("alpha2", [0.0, 1.5])
+def test_second_pole_coefficient(copy, alpha2):
+    edit_manifest(copy, lambda m: m["pose_post"].update(alpha2=alpha2))
+    with pytest.raises(dm.BundleError, match="pose_post.alpha2"):
+        dm.load_bundle(copy)
+
+
+def test_pose_decode_checked(copy):
+    edit_manifest(copy, lambda m: m["pose_decode"]["scale"].__setitem__(3, -1.0))
+    with pytest.raises(dm.BundleError, match="pose_decode.scale"):
+        dm.load_bundle(copy)
+
+
+def test_posture_gain_must_be_positive(copy):
+    edit_manifest(copy, lambda m: m["pose_post"].update(posture_gain=0.0))
+    with pytest.raises(dm.BundleError, match="pose_post.posture_gain"):
+        dm.load_bundle(copy)
+
+
+def test_bundle_without_posture_still_loads(copy):
+    """A bundle made before the running posture (no pose_post.beta) gains about the mean pose."""
+    x = synthetic_features(30, F, seed=4)
+    with_beta, _ = dm.load_bundle(copy).stepper().run(x)
+    edit_manifest(copy, lambda m: (m["pose_post"].pop("beta"), m["pose_post"].pop("posture_gain"),
+                                   m["pose_post"].pop("alpha2")))
+    without, _ = dm.load_bundle(copy).stepper().run(x)
+    assert np.abs(with_beta - without).max() > 1e-4
 
 
 def test_quant_params_must_match_the_model(copy):

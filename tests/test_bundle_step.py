@@ -33,6 +33,10 @@ def reference_run(b: dm.Bundle, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
               for a, _ in b.states}
     post = b.manifest.get("pose_post") or {"alpha": 1.0, "gain": 1.0}
     smooth = np.zeros(28, np.float32)
+    posture = np.zeros(28, np.float32)
+    beta = float(post.get("beta", 0.0)) if post["gain"] != 1.0 else 0.0
+    alpha2 = float(post.get("alpha2", 1.0))
+    smooth2 = np.zeros(28, np.float32)
     poses, heads, heading = [], [], 0.0
     for xt in x:
         if fx.scale:
@@ -53,11 +57,23 @@ def reference_run(b: dm.Bundle, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             states[a] = out
         s, zp = (tp.scale, tp.zero_point) if tp.scale else (1.0, 0)
         pose = interp.get_tensor(idx_out[tp.key])[0] * np.float32(s) - np.float32(zp * s)
-        if post["alpha"] < 1.0:
+        if b.manifest.get("pose_decode") is not None:
+            dec = b.manifest["pose_decode"]
+            pose = np.tanh(pose * np.asarray(dec["scale"], np.float32) + np.asarray(dec["offset"], np.float32))
+        if post["alpha"] < 1.0 or alpha2 < 1.0 or beta > 0:
             mean = np.asarray(post["smooth_mean"], np.float32)
             smooth += (pose - mean - smooth) * np.float32(post["alpha"])
             pose = mean + smooth
-        if post["gain"] != 1.0:
+        s_out = smooth
+        if alpha2 < 1.0:  # the second pole
+            smooth2 += (smooth - smooth2) * np.float32(alpha2)
+            pose = np.asarray(post["smooth_mean"], np.float32) + smooth2
+            s_out = smooth2
+        if beta > 0:  # the gain about the running posture, and the posture's own gain
+            posture += (s_out - posture) * np.float32(beta)
+            mean = np.asarray(post["gain_mean"], np.float32)
+            pose = ((pose - mean - posture) * np.float32(post["gain"]) + posture * np.float32(post["posture_gain"])) + mean
+        elif post["gain"] != 1.0:
             mean = np.asarray(post["gain_mean"], np.float32)
             pose = (pose - mean) * np.float32(post["gain"]) + mean
         poses.append(np.clip(pose, -1.0, 1.0).reshape(14, 2))
@@ -93,7 +109,8 @@ def test_step_equals_plain_copies(tiny, quantize):
     from converter.bundle import synthetic_features
 
     b = tiny[quantize]
-    assert b.manifest["pose_post"]["alpha"] < 1 and b.manifest["pose_post"]["gain"] != 1  # the tail is exercised
+    post = b.manifest["pose_post"]
+    assert post["alpha"] < 1 and post["alpha2"] < 1 and post["gain"] != 1 and post["beta"] > 0  # the tail is exercised
     x = synthetic_features(120, F, seed=11)
     x[5] = 3.0  # out of range: the quantization must clip, not wrap
     x[6] = -3.0

@@ -50,6 +50,13 @@ def test_convert_int8_with_report(tiny_run, tmp_path, capsys):
     assert np.isfinite(held["mse"]) and np.isfinite(held["bas"])
     poses, _ = b.stepper().run(np.zeros((10, b.n_features), np.float32))
     assert poses.shape == (10, 14, 2)
+    # The output stage was refitted to the int8 model's own output; the Keras one is kept beside it.
+    assert m["pose_post_keras"]["gain"] >= 1.0 and m["pose_post_fit"]["dances"] >= 1
+    assert set(m["pose_post"]) == set(m["pose_post_keras"])
+    from device import selftest
+
+    r = selftest.check_bundle(out)
+    assert r.status == "PASS", r.line()  # the golden output was rewritten with the refitted stage
     json.dumps(m)  # plain JSON all the way down
 
 

@@ -7,8 +7,8 @@ import pytest
 pytest.importorskip("tensorflow")
 
 from trainer.model import (N_OUT, N_POSE, ModelConfig, build_sequence_model, build_step_model, copy_weights,
-                           make_noise, run_free, run_step_model, set_gain, set_normalization, set_smoothing,
-                           smooth_np, step_state_specs)
+                           make_noise, run_free, run_step_model, set_gain, set_normalization, set_posture,
+                           set_smoothing, smooth_np, step_state_specs)
 
 pytestmark = pytest.mark.train
 F = 9
@@ -31,7 +31,9 @@ def test_step_model_matches_sequence_model_free_running(mcfg):
     if mcfg.output_gain:
         set_gain(seq, 1.7)
     if mcfg.smooth:
-        set_smoothing(seq, 0.6)
+        set_smoothing(seq, 0.6, 0.7 if mcfg.has_smooth2 else None)
+    if mcfg.has_posture:
+        set_posture(seq, 0.2, 1.3)
     step = build_step_model(mcfg, F)
     assert copy_weights(seq, step) >= mcfg.layers + 2
     # The fed-back pose is a state only when the decoder reads it (an unread input cannot be quantized).
@@ -58,6 +60,43 @@ def test_output_smoothing_matches_numpy_and_cuts_jerk():
     mean = seq.get_layer("pose_smooth").get_weights()[0]
     assert np.abs(sm - smooth_np(raw, mean, 0.4)).max() < 1e-5
     assert np.abs(np.diff(sm, 3, axis=0)).mean() < np.abs(np.diff(raw, 3, axis=0)).mean()
+
+
+def test_posture_stage_matches_numpy():
+    """The gain about the running posture: the sequence and step models compute what
+    trainer.train.apply_output_stage does, and beta = 0 is the gain about the mean pose."""
+    from trainer.train import apply_output_stage
+
+    mcfg = ModelConfig(layers=1, units=8, lookback=3, dec_units=8)
+    assert mcfg.has_posture and ("posture_pose", (N_POSE,)) in step_state_specs(mcfg)
+    seq = _model(mcfg, seed=2)
+    x = np.random.default_rng(5).normal(size=(80, F)).astype(np.float32)
+    raw = run_free(seq, mcfg, x)[:, :N_POSE]  # alpha 1, gain 1: the decoder's pose
+    mean = seq.get_layer("pose_smooth").get_weights()[0]
+    set_smoothing(seq, 0.5)
+    set_gain(seq, 2.0)
+    about_mean = run_free(seq, mcfg, x)[:, :N_POSE]
+    assert np.abs(about_mean - np.clip(apply_output_stage(raw, mean, 0.5, 2.0), -1, 1)).max() < 1e-5
+    set_posture(seq, 0.1, 1.5)
+    set_smoothing(seq, 0.5, 0.6)  # and the second pole
+    got = run_free(seq, mcfg, x)
+    want = np.clip(apply_output_stage(raw, mean, 0.5, 2.0, 0.1, 1.5, alpha2=0.6), -1, 1)
+    assert np.abs(got[:, :N_POSE] - want).max() < 1e-5
+    assert np.abs(got[:, :N_POSE] - about_mean).max() > 1e-3  # the posture really moves the centre
+    step = build_step_model(mcfg, F)
+    copy_weights(seq, step)
+    assert np.abs(run_step_model(step, mcfg, x) - got).max() < 1e-5
+
+
+def test_legacy_model_config_has_no_posture():
+    """A run saved before the posture stage loads as it was trained (no posture weight, no state)."""
+    d = ModelConfig(layers=1, units=8).to_dict()
+    del d["posture"], d["smooth2"]
+    old = ModelConfig.from_dict(d)
+    assert not old.has_posture and "posture_pose" not in dict(step_state_specs(old))
+    assert not old.has_smooth2 and "smooth_pose2" not in dict(step_state_specs(old))
+    with pytest.raises(ValueError, match="no posture"):
+        set_posture(build_sequence_model(old, F), 0.1)
 
 
 def test_step_model_states_and_plain_ops():

@@ -124,6 +124,56 @@ def test_output_stage_fit():
     assert capped["gain"] == 2.0
 
 
+def test_output_stage_fit_posture():
+    """A dancer who changes stance slowly half-way, and a model that follows the stance but moves 0.4x
+    as much: the gain about the mean pose caricatures the stance, the gain about the running
+    posture does not; the fit picks a posture and the same gain."""
+    from trainer.train import POSTURE_TAUS_S, apply_output_stage, fit_output_stage
+
+    rng = np.random.default_rng(1)
+    t = np.arange(1200)[:, None]
+    stance = 0.2 * np.tanh((t - 600) / 50.0) * rng.uniform(0.5, 1.0, 28)  # over about 4 s
+    motion = 0.2 * np.sin(2 * np.pi * t / 25.0 + rng.uniform(0, 6, 28))
+    gt = stance + motion
+    mean = gt.mean(0)
+    raw = stance + 0.4 * motion
+    st = fit_output_stage([(raw, gt)], mean, max_gain=4.0, smooth=False, posture=True)
+    assert st["beta"] == pytest.approx(1.0 / (POSTURE_TAUS_S[0] * 25.0))
+    assert st["gain"] == pytest.approx(2.5, rel=0.05)
+    assert st["posture_gain"] == 1.0  # one song: no spread between songs to match
+    by_tau = {p["tau_s"]: p["mse"] for p in st["postures"]}
+    assert by_tau[POSTURE_TAUS_S[0]] < 0.3 * by_tau[None]
+    mse = lambda p: float(np.mean((p[50:] - gt[50:]) ** 2))  # noqa: E731 (after the posture settles)
+    assert mse(apply_output_stage(raw, mean, 1.0, st["gain"], st["beta"])) < 0.1 * mse(apply_output_stage(raw, mean, 1.0, st["gain"]))
+
+
+def test_gain_at_level():
+    """MSE at equal energy: the gain is found for the common energy level even when energy is
+    not quite proportional to it (a posture part the gain does not scale)."""
+    from trainer.experiments import gain_at_level
+
+    g, e = gain_at_level(lambda g: 0.05 + 0.1 * g + 0.01 * g * g, 6.0, 0.5)
+    assert e == pytest.approx(0.5, abs=2e-3) and 0.05 + 0.1 * g + 0.01 * g * g == pytest.approx(e)
+
+
+def test_posture_gain_matches_the_dancers_spread():
+    """Three songs whose stances the model guesses at half their distance from the mean: the
+    posture gain doubles them back."""
+    from trainer.train import fit_output_stage
+
+    rng = np.random.default_rng(2)
+    t = np.arange(800)[:, None]
+    pairs = []
+    for k in range(3):
+        stance = rng.normal(0, 0.15, 28)
+        motion = 0.2 * np.sin(2 * np.pi * t / 25.0 + rng.uniform(0, 6, 28))
+        gt = stance + motion
+        pairs.append((0.5 * stance + 0.4 * motion, gt))
+    mean = np.mean([gt.mean(0) for _, gt in pairs], axis=0)
+    st = fit_output_stage(pairs, mean, max_gain=4.0, smooth=False, posture=True)
+    assert st["beta"] > 0 and st["posture_gain"] == pytest.approx(2.0, rel=0.1)
+
+
 def test_cli_errors(tmp_path, capsys):
     assert cli_main(["train", "--set", "unitz=3", "--out", str(tmp_path / "r")]) == 2
     assert "unitz" in capsys.readouterr().err

@@ -47,6 +47,11 @@ class TrainConfig:
     """Upper bound of that gain."""
     smooth: bool = True
     """Causal one-pole low-pass on the output pose, its coefficient fitted with the gain."""
+    smooth2: bool = True
+    """A second pole for that low-pass (ModelConfig.smooth2), fitted with it (it may stay off)."""
+    posture: bool = True
+    """The gain amplifies the motion about the model's running posture, not about the mean pose
+    (ModelConfig.posture); its time constant and the posture's own gain are fitted with the gain."""
     noise_dims: int = 0
     """Slowly varying noise input size (0 = none)."""
     noise_smooth_frames: float = 25.0
@@ -93,6 +98,9 @@ class TrainConfig:
     'std' (std of joint speed over time and keypoints, as trainer.evaluate's energy)."""
     w_heading: float = 0.1
     """Weight of the heading-change MSE (in units of its training std)."""
+    w_posture: float = 0.0
+    """Weight of the posture loss: each training chunk's mean pose against the dancer's, squared,
+    in units of the pose variance (the stance of the style; the pose MSE holds it with weight 1)."""
     # --- scheduled sampling (feedback only) ---
     ss_start: float = 1.0
     """Teacher-forcing probability at epoch 0."""

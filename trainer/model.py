@@ -62,6 +62,19 @@ class ModelConfig:
     """ours: a causal one-pole low-pass on the output pose, after the feedback loop and before
     the gain: s_t = s_{t-1} + alpha * (pose_t - mean - s_{t-1}); alpha is fitted with the gain
     after training (alpha = 1, i.e. off, until then). One more state: smooth_pose (28,)."""
+    posture: bool = True
+    """ours, with smooth and output_gain: the gain amplifies the motion about the model's own
+    running posture instead of about the training mean pose: p_t = p_{t-1} + beta * (s_t - p_{t-1})
+    (a slow one-pole average of the low-passed pose s, both minus the mean pose, time constant
+    1/(beta * 25 fps)), pose = mean + gp * p + g * (s - p). A dancer's posture differs by style and
+    song (a waltz hold, an open Latin stance); amplifying the model's guess of it by the motion's
+    gain draws a caricature. beta and the posture's own gain gp are fitted with g (beta 0 = off:
+    the gain about the mean pose, as before). One more state: posture_pose (28,)."""
+    smooth2: bool = True
+    """ours, with smooth: a second one-pole low-pass after the first, q_t = q_{t-1} + alpha2 *
+    (s_t - q_{t-1}); alpha2 is fitted with alpha (1 = off). Two poles cut frame-to-frame noise
+    (the regressor's own jitter, and an int8 model's rounding) far more than one at the same lag.
+    One more state: smooth_pose2 (28,)."""
     noise_dims: int = 0
     """ours: size of a slowly varying random input vector (0 = deterministic model)."""
     dropout: float = 0.1
@@ -89,7 +102,20 @@ class ModelConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"{source}: unknown model-config key(s) {unknown}; known keys are {sorted(known)}")
+        for key in ("posture", "smooth2"):  # a run saved before these stages: its weights have none
+            if key not in d:
+                d = {**d, key: False}
         return cls(**d)
+
+    @property
+    def has_smooth2(self) -> bool:
+        """The output low-pass has its second pole."""
+        return self.kind == "ours" and self.smooth and self.smooth2
+
+    @property
+    def has_posture(self) -> bool:
+        """The output stage tracks a posture (needs the low-pass and the gain it centres)."""
+        return self.kind == "ours" and self.posture and self.smooth and self.output_gain
 
 
 # ---------------------------------------------------------------------------------------
@@ -174,14 +200,22 @@ def _layers():
         stored minus the training mean pose (so the all-zero start state is the mean pose).
         prev = mask * (gt_prev - mean) + (1 - mask) * own_prev."""
 
-        def __init__(self, units, music_dims, feedback=True, noise_dims=0, dropout=0.0, free_running=False, **kw):
+        def __init__(self, units, music_dims, feedback=True, noise_dims=0, dropout=0.0, free_running=False,
+                     pose_out=False, **kw):
             super().__init__(**kw)
             self.units, self.music_dims, self.feedback = units, music_dims, feedback
             self.free_running = free_running  # step model: input is [music, noise] only, prev = own
+            # Step model for int8 only (converter.convert.folded_clone): the pose leaves as a linear
+            # read-out of h, (W h + b - offset) / scale per coordinate (weights set by the
+            # converter), the device applying tanh(y * scale + offset); pose and heading come
+            # out as two tensors. The fed-back pose is unchanged.
+            self.pose_out = bool(pose_out)
             self.noise_dims, self.dropout = noise_dims, dropout
             self.lstm = layers.LSTMCell(units, name="dec_lstm")
             self.pose_head = layers.Dense(N_POSE, activation="tanh", name="dec_pose")
             self.heading_head = layers.Dense(1, name="dec_heading", kernel_initializer="zeros")
+            if self.pose_out:
+                self.pose_out_head = layers.Dense(N_POSE, name="dec_pose_out")
             self.drop = layers.Dropout(dropout) if dropout > 0 else None
             self.pose_mean = self.add_weight(shape=(N_POSE,), initializer="zeros", trainable=False, name="pose_mean")
             self.state_size = [units, units, N_POSE]
@@ -192,6 +226,8 @@ def _layers():
             self.lstm.build((None, z))
             self.pose_head.build((None, self.units))
             self.heading_head.build((None, self.units))
+            if self.pose_out:
+                self.pose_out_head.build((None, self.units))
             self.built = True
 
         def call(self, inputs, states, training=False):
@@ -217,12 +253,14 @@ def _layers():
             out, (h2, c2) = self.lstm(z, [h, c], training=training)
             pose = self.pose_head(out)
             dh = self.heading_head(out)
+            if self.pose_out:
+                return (self.pose_out_head(out), dh), [h2, c2, pose - self.pose_mean]
             return ops.concatenate([pose, dh], axis=-1), [h2, c2, pose - self.pose_mean]
 
         def get_config(self):
             return {**super().get_config(), "units": self.units, "music_dims": self.music_dims,
                     "feedback": self.feedback, "noise_dims": self.noise_dims, "dropout": self.dropout,
-                    "free_running": self.free_running}
+                    "free_running": self.free_running, "pose_out": self.pose_out}
 
     return FeatureNorm, CausalAttention, DecoderCell
 
@@ -234,18 +272,32 @@ def _gain_layer():
     @keras.saving.register_keras_serializable("edgedance")
     class PoseGain(layers.Layer):
         """(..., 28 [+1]) -> the pose part scaled about the mean pose by g, clipped to [-1, 1];
-        anything after the 28 pose values passes through."""
+        anything after the 28 pose values passes through. With a posture (ModelConfig.posture):
+        `posture` (..., 28), the running posture minus the mean pose, p; the motion about it is
+        scaled by g and the posture itself by its own gain gp: mean + gp * p + g * (y - mean - p)."""
 
-        def __init__(self, **kw):
+        def __init__(self, posture=False, **kw):
             super().__init__(**kw)
+            self.posture = bool(posture)
             self.mean = self.add_weight(shape=(N_POSE,), initializer="zeros", trainable=False, name="mean")
             self.gain = self.add_weight(shape=(1,), initializer="ones", trainable=False, name="gain")
+            if self.posture:
+                self.posture_gain = self.add_weight(shape=(1,), initializer="ones", trainable=False,
+                                                    name="posture_gain")
 
-        def call(self, y):
-            pose = ops.clip(self.mean + self.gain * (y[..., :N_POSE] - self.mean), -1.0, 1.0)
+        def call(self, y, posture=None):
+            d = y[..., :N_POSE] - self.mean
+            if posture is None:
+                pose = self.mean + self.gain * d
+            else:
+                pose = self.mean + self.posture_gain * posture + self.gain * (d - posture)
+            pose = ops.clip(pose, -1.0, 1.0)
             if y.shape[-1] == N_POSE:
                 return pose
             return ops.concatenate([pose, y[..., N_POSE:]], axis=-1)
+
+        def get_config(self):
+            return {**super().get_config(), "posture": self.posture}
 
     return PoseGain
 
@@ -257,19 +309,40 @@ def _smooth_cell():
     @keras.saving.register_keras_serializable("edgedance")
     class SmoothCell(layers.Layer):
         """One step of the output low-pass. Input (B, 29): pose then heading change; state: the
-        smoothed pose minus the mean pose (zero = the mean pose). The heading passes through."""
+        smoothed pose minus the mean pose (zero = the mean pose). The heading passes through.
+        With smooth2: a second pole (alpha2; 1 = off) and its state. With posture: a state for
+        the running posture minus the mean pose (beta: its one-pole coefficient, on the smoothed
+        pose), and the output (B, 57) also carries it after the heading."""
 
-        def __init__(self, **kw):
+        def __init__(self, posture=False, smooth2=False, **kw):
             super().__init__(**kw)
+            self.posture, self.smooth2 = bool(posture), bool(smooth2)
             self.mean = self.add_weight(shape=(N_POSE,), initializer="zeros", trainable=False, name="mean")
             self.alpha = self.add_weight(shape=(1,), initializer="ones", trainable=False, name="alpha")
-            self.state_size = [N_POSE]
-            self.output_size = N_OUT
+            if self.posture:
+                self.beta = self.add_weight(shape=(1,), initializer="zeros", trainable=False, name="beta")
+            if self.smooth2:
+                self.alpha2 = self.add_weight(shape=(1,), initializer="ones", trainable=False, name="alpha2")
+            self.state_size = [N_POSE] * (1 + self.smooth2 + self.posture)
+            self.output_size = N_OUT + N_POSE if self.posture else N_OUT
 
         def call(self, inputs, states, training=False):
-            s = states[0] if isinstance(states, (list, tuple)) else states
-            s2 = s + self.alpha * (inputs[:, :N_POSE] - self.mean - s)
-            return ops.concatenate([self.mean + s2, inputs[:, N_POSE:]], axis=-1), [s2]
+            states = list(states) if isinstance(states, (list, tuple)) else [states]
+            s = states.pop(0)
+            s1 = s + self.alpha * (inputs[:, :N_POSE] - self.mean - s)
+            new, out = [s1], s1
+            if self.smooth2:
+                q = states.pop(0)
+                out = q + self.alpha2 * (s1 - q)
+                new.append(out)
+            if not self.posture:
+                return ops.concatenate([self.mean + out, inputs[:, N_POSE:]], axis=-1), new
+            p = states.pop(0)
+            p2 = p + self.beta * (out - p)
+            return ops.concatenate([self.mean + out, inputs[:, N_POSE:N_OUT], p2], axis=-1), new + [p2]
+
+        def get_config(self):
+            return {**super().get_config(), "posture": self.posture, "smooth2": self.smooth2}
 
     return SmoothCell
 
@@ -344,8 +417,11 @@ def build_sequence_model(mcfg: ModelConfig, n_features: int):
                            dropout=mcfg.dropout, name="decoder_cell")
         out = layers.RNN(cell, return_sequences=True, name="decoder")(dec_in)
         if mcfg.smooth:
-            out = layers.RNN(_smooth_cell()(name="pose_smooth_cell"), return_sequences=True, name="pose_smooth")(out)
-        if mcfg.output_gain:
+            out = layers.RNN(_smooth_cell()(posture=mcfg.has_posture, smooth2=mcfg.has_smooth2, name="pose_smooth_cell"),
+                             return_sequences=True, name="pose_smooth")(out)
+        if mcfg.has_posture:
+            out = _gain_layer()(posture=True, name="pose_gain")(out[..., :N_OUT], posture=out[..., N_OUT:])
+        elif mcfg.output_gain:
             out = _gain_layer()(name="pose_gain")(out)
     elif mcfg.kind == "cnn":
         out = _cnn(mcfg, h)
@@ -422,13 +498,19 @@ def step_state_specs(mcfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
         specs.append(("prev_pose", (N_POSE,)))
     if mcfg.smooth:
         specs.append(("smooth_pose", (N_POSE,)))
+    if mcfg.has_smooth2:
+        specs.append(("smooth_pose2", (N_POSE,)))
+    if mcfg.has_posture:
+        specs.append(("posture_pose", (N_POSE,)))
     return specs
 
 
-def build_step_model(mcfg: ModelConfig, n_features: int):
+def build_step_model(mcfg: ModelConfig, n_features: int, pose_out: bool = False):
     """One frame in, one pose out, every state in and out (see module doc). Batch size 1.
     Inputs: x (1, F), [noise (1, N)], then the states of `step_state_specs`. Outputs (a dict):
-    pose (1, 28), dheading (1, 1), then `<state>_out` for every state."""
+    pose (1, 28), dheading (1, 1), then `<state>_out` for every state. With `pose_out` (the
+    converter's int8 graph, without the output stage) `pose` is the decoder's linear pose read-out
+    (DecoderCell.pose_out), not the pose."""
     keras = _keras()
     from keras import layers
 
@@ -457,19 +539,31 @@ def build_step_model(mcfg: ModelConfig, n_features: int):
     if mcfg.noise_dims:
         dec_parts.append(inputs["noise"])
     dec_in = layers.Concatenate(axis=-1)(dec_parts) if len(dec_parts) > 1 else dec_parts[0]
+    if pose_out and (mcfg.smooth or mcfg.output_gain):
+        raise ValueError("build_step_model(pose_out=True): only without the output stage (smooth, output_gain off)")
     cell = DecoderCell(mcfg.dec_units, music_dims, feedback=mcfg.feedback, noise_dims=mcfg.noise_dims,
-                       free_running=True, name="decoder")
+                       free_running=True, pose_out=pose_out, name="decoder")
     # Without feedback the cell ignores its third state: any tensor fills the slot.
     prev = inputs["prev_pose"] if mcfg.feedback else inputs["dec_h"]
     y, (dh_, dc_, own) = cell(dec_in, [inputs["dec_h"], inputs["dec_c"], prev])
-    if mcfg.smooth:
-        y, (sm,) = _smooth_cell()(name="pose_smooth")(y, [inputs["smooth_pose"]])
-        outputs["smooth_pose_out"] = sm
-    pose = y[:, :N_POSE]
-    if mcfg.output_gain:
-        pose = _gain_layer()(name="pose_gain")(pose)
+    if pose_out:
+        pose, dhead = y
+    else:
+        posture = None
+        if mcfg.smooth:
+            names = ["smooth_pose"] + ["smooth_pose2"] * mcfg.has_smooth2 + ["posture_pose"] * mcfg.has_posture
+            cell = _smooth_cell()(posture=mcfg.has_posture, smooth2=mcfg.has_smooth2, name="pose_smooth")
+            y, new = cell(y, [inputs[n] for n in names])
+            for n, v in zip(names, new):
+                outputs[n + "_out"] = v
+            if mcfg.has_posture:
+                posture = y[:, N_OUT:]
+        pose = y[:, :N_POSE]
+        if mcfg.output_gain:
+            pose = _gain_layer()(posture=mcfg.has_posture, name="pose_gain")(pose, posture=posture)
+        dhead = y[:, N_POSE:N_OUT]
     outputs["pose"] = layers.Identity(name="pose")(pose)
-    outputs["dheading"] = layers.Identity(name="dheading")(y[:, N_POSE:])
+    outputs["dheading"] = layers.Identity(name="dheading")(dhead)
     outputs["dec_h_out"], outputs["dec_c_out"] = dh_, dc_
     if mcfg.feedback:
         outputs["prev_pose_out"] = own
@@ -491,7 +585,10 @@ def copy_weights(src, dst, strict: bool = True) -> int:
             continue
         if s is None:
             raise ValueError(f"copy_weights: layer {layer.name!r} of {dst.name} has no namesake in {src.name}")
-        layer.set_weights(s.get_weights())
+        sw = s.get_weights()
+        if not strict and len(sw) < len(w) and [a.shape for a in sw] == [a.shape for a in w[: len(sw)]]:
+            sw = sw + w[len(sw):]  # an older layer with fewer weights (the output stage before its posture)
+        layer.set_weights(sw)
         n += 1
     return n
 
@@ -504,10 +601,10 @@ def set_normalization(model, feat_mean, feat_std, pose_mean=None) -> None:
         names = {l.name for l in model.layers}
         if "pose_gain" in names:
             g = model.get_layer("pose_gain")
-            g.set_weights([np.asarray(pose_mean, np.float32).reshape(N_POSE), g.get_weights()[1]])
+            g.set_weights([np.asarray(pose_mean, np.float32).reshape(N_POSE), *g.get_weights()[1:]])
         if "pose_smooth" in names:
             sm = model.get_layer("pose_smooth")
-            sm.set_weights([np.asarray(pose_mean, np.float32).reshape(N_POSE), sm.get_weights()[1]])
+            sm.set_weights([np.asarray(pose_mean, np.float32).reshape(N_POSE), *sm.get_weights()[1:]])
         dec = model.get_layer("decoder") if "decoder" in names else None
         if dec is not None:
             w = dec.get_weights()
@@ -521,13 +618,67 @@ def set_normalization(model, feat_mean, feat_std, pose_mean=None) -> None:
 def set_gain(model, gain: float) -> None:
     """Set the calibrated output gain of a model that has a 'pose_gain' layer."""
     g = model.get_layer("pose_gain")
-    g.set_weights([g.get_weights()[0], np.array([gain], np.float32)])
+    g.set_weights([g.get_weights()[0], np.array([gain], np.float32), *g.get_weights()[2:]])
 
 
-def set_smoothing(model, alpha: float) -> None:
-    """Set the output low-pass coefficient (1 = off) of a model that has a 'pose_smooth' layer."""
+def _set_named(layer, name: str, value: float) -> None:
+    w = layer.get_weights()
+    idx = [i for i, v in enumerate(layer.weights) if v.path.rsplit("/", 1)[-1] == name]
+    if len(idx) != 1:
+        raise ValueError(f"{layer.name} has no weight {name!r} (its model config has that stage off)")
+    w[idx[0]] = np.array([value], np.float32)
+    layer.set_weights(w)
+
+
+def set_smoothing(model, alpha: float, alpha2: float | None = None) -> None:
+    """Set the output low-pass coefficient (1 = off) of a model that has a 'pose_smooth' layer,
+    and its second pole's (ModelConfig.smooth2) when given."""
     sm = model.get_layer("pose_smooth")
-    sm.set_weights([sm.get_weights()[0], np.array([alpha], np.float32)])
+    _set_named(sm, "alpha", alpha)
+    if alpha2 is not None:
+        _set_named(sm, "alpha2", alpha2)
+
+
+def output_stage_params(model) -> dict | None:
+    """The fitted output stage of a model, by weight name: {alpha, alpha2, smooth_mean, beta, gain,
+    gain_mean, posture_gain}; stages the model lacks get their neutral value. None without one."""
+    names = {layer.name for layer in model.layers}
+    if "pose_smooth" not in names and "pose_gain" not in names:
+        return None
+    out = {"alpha": 1.0, "alpha2": 1.0, "smooth_mean": [0.0] * N_POSE, "beta": 0.0, "gain": 1.0,
+           "gain_mean": [0.0] * N_POSE, "posture_gain": 1.0}
+    for layer_name, keys in (("pose_smooth", {"mean": "smooth_mean", "alpha": "alpha", "alpha2": "alpha2", "beta": "beta"}),
+                             ("pose_gain", {"mean": "gain_mean", "gain": "gain", "posture_gain": "posture_gain"})):
+        if layer_name not in names:
+            continue
+        layer = model.get_layer(layer_name)
+        for v, w in zip(layer.weights, layer.get_weights()):
+            key = keys.get(v.path.rsplit("/", 1)[-1])
+            if key is not None:
+                out[key] = [float(e) for e in w] if w.shape[0] == N_POSE else float(w[0])
+    return out
+
+
+def reset_output_stage(model, mcfg: ModelConfig) -> None:
+    """Switch the fitted output stage off (low-pass alpha 1, gain 1, no posture): the model then
+    outputs the decoder's own pose, what the stage is fitted to."""
+    names = {layer.name for layer in model.layers}
+    if "pose_gain" in names:
+        set_gain(model, 1.0)
+    if "pose_smooth" in names:
+        set_smoothing(model, 1.0, 1.0 if mcfg.has_smooth2 else None)
+    if mcfg.has_posture:
+        set_posture(model, 0.0, 1.0)
+
+
+def set_posture(model, beta: float, gain: float = 1.0) -> None:
+    """Set the running posture's coefficient (0 = off: the gain about the mean pose) and its own
+    gain of a model whose output stage tracks a posture (ModelConfig.has_posture)."""
+    try:
+        _set_named(model.get_layer("pose_smooth"), "beta", beta)
+        _set_named(model.get_layer("pose_gain"), "posture_gain", gain)
+    except ValueError as e:
+        raise ValueError(f"set_posture: this model's output stage has no posture (ModelConfig.posture off): {e}") from e
 
 
 def smooth_np(poses: np.ndarray, mean: np.ndarray, alpha: float) -> np.ndarray:
