@@ -490,9 +490,14 @@ class StreamingModel:
             if alpha2 < 1.0 else None
         if post is not None and float(post["gain"]) != 1.0:
             self._gain = (np.full(N_POSE, post["gain"], np.float32), np.asarray(post["gain_mean"], np.float32))
-        if posture:  # (beta, posture gain, p, scratch)
-            self._posture = (np.float32(post["beta"]), np.float32(post.get("posture_gain", 1.0)),
-                             np.zeros(N_POSE, np.float32), np.zeros(N_POSE, np.float32))
+        if posture:  # (beta, gp - g, p, scratch, K); pose = g * s + (gp - g) * p + K, K = mg + g * (ms - mg)
+            g, gp = np.float32(post["gain"]), np.float32(post.get("posture_gain", 1.0))
+            ms, mg = np.asarray(post["smooth_mean"], np.float32), np.asarray(post["gain_mean"], np.float32)
+            self._posture = (np.float32(post["beta"]), np.full(N_POSE, gp - g, np.float32),
+                             np.zeros(N_POSE, np.float32), np.zeros(N_POSE, np.float32), mg + g * (ms - mg))
+        if self._decode is not None:  # dequantize and decode in one multiply-add: q * (s * scale) + (offset - zp * s * scale)
+            sc, off = self._decode
+            self._decode = (self._pose_s * sc, off - self._pose_off * sc)
 
         self._views = None
         self._invoke = self._interp.invoke
@@ -590,43 +595,44 @@ class StreamingModel:
         for vin, vout, lut, udt in v.mapped:
             vin[...] = lut.take(vout.view(udt))  # np.take(out=) is twice as slow
         pose = self._pose_flat
-        np.multiply(v.pose, self._pose_s, out=pose)
-        np.subtract(pose, self._pose_off, out=pose)
-        if self._decode is not None:
-            np.multiply(pose, self._decode[0], out=pose)
+        if self._decode is not None:  # tanh(y * scale + offset), y dequantized
+            np.multiply(v.pose, self._decode[0], out=pose)
             np.add(pose, self._decode[1], out=pose)
             np.tanh(pose, out=pose)
+        else:
+            np.multiply(v.pose, self._pose_s, out=pose)
+            np.subtract(pose, self._pose_off, out=pose)
+        last = None  # the last low-pass state (smoothed pose - ms), when later stages still read it
         if self._smooth is not None:
             alpha, mean, st = self._smooth
             np.subtract(pose, mean, out=pose)
             np.subtract(pose, st, out=pose)
             np.multiply(pose, alpha, out=pose)
             np.add(st, pose, out=st)
-            np.add(mean, st, out=pose)
-        if self._smooth2 is not None:  # q += alpha2 * (s - q); pose = ms + q
+            last = st
+        if self._smooth2 is not None:  # q += alpha2 * (s - q)
             a2, q, tmp = self._smooth2
-            np.subtract(self._smooth[2], q, out=tmp)
+            np.subtract(st, q, out=tmp)
             np.multiply(tmp, a2, out=tmp)
             np.add(q, tmp, out=q)
-            np.add(self._smooth[1], q, out=pose)
+            last = q
         if self._posture is not None:
-            beta, gp, p, c = self._posture
-            st = self._smooth[2] if self._smooth2 is None else self._smooth2[1]
-            g, mean = self._gain
-            np.subtract(st, p, out=c)
+            beta, gpg, p, c, k = self._posture
+            np.subtract(last, p, out=c)
             np.multiply(c, beta, out=c)
             np.add(p, c, out=p)  # p += beta * (s - p)
-            np.subtract(pose, mean, out=pose)
-            np.subtract(pose, p, out=pose)
-            np.multiply(pose, g, out=pose)
-            np.multiply(p, gp, out=c)
+            np.multiply(last, self._gain[0], out=pose)
+            np.multiply(p, gpg, out=c)
             np.add(pose, c, out=pose)
-            np.add(pose, mean, out=pose)  # mg + gp * p + g * (y - mg - p)
-        elif self._gain is not None:
-            g, mean = self._gain
-            np.subtract(pose, mean, out=pose)
-            np.multiply(pose, g, out=pose)
-            np.add(pose, mean, out=pose)
+            np.add(pose, k, out=pose)  # g * s + (gp - g) * p + K = mg + gp * p + g * (y - mg - p)
+        else:
+            if last is not None:
+                np.add(self._smooth[1], last, out=pose)  # ms + s
+            if self._gain is not None:
+                g, mean = self._gain
+                np.subtract(pose, mean, out=pose)
+                np.multiply(pose, g, out=pose)
+                np.add(pose, mean, out=pose)
         np.maximum(pose, self._pose_lo, out=pose)
         np.minimum(pose, self._pose_hi, out=pose)
         dh = (float(v.heading[0, 0]) - self._head_zp) * self._head_s

@@ -56,26 +56,32 @@ def reference_run(b: dm.Bundle, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                               -128, 127).astype(ti.dtype)
             states[a] = out
         s, zp = (tp.scale, tp.zero_point) if tp.scale else (1.0, 0)
-        pose = interp.get_tensor(idx_out[tp.key])[0] * np.float32(s) - np.float32(zp * s)
-        if b.manifest.get("pose_decode") is not None:
+        y = interp.get_tensor(idx_out[tp.key])[0]
+        if b.manifest.get("pose_decode") is not None:  # dequantize and decode: one multiply-add, then tanh
             dec = b.manifest["pose_decode"]
-            pose = np.tanh(pose * np.asarray(dec["scale"], np.float32) + np.asarray(dec["offset"], np.float32))
+            sc = np.asarray(dec["scale"], np.float32)
+            pose = np.tanh(y * (np.float32(s) * sc) + (np.asarray(dec["offset"], np.float32) - np.float32(zp * s) * sc))
+        else:
+            pose = y * np.float32(s) - np.float32(zp * s)
+        ms = np.asarray(post.get("smooth_mean", np.zeros(28)), np.float32)
+        mg = np.asarray(post.get("gain_mean", np.zeros(28)), np.float32)
+        g = np.float32(post["gain"])
+        last = None
         if post["alpha"] < 1.0 or alpha2 < 1.0 or beta > 0:
-            mean = np.asarray(post["smooth_mean"], np.float32)
-            smooth += (pose - mean - smooth) * np.float32(post["alpha"])
-            pose = mean + smooth
-        s_out = smooth
+            smooth += (pose - ms - smooth) * np.float32(post["alpha"])
+            last = smooth
         if alpha2 < 1.0:  # the second pole
             smooth2 += (smooth - smooth2) * np.float32(alpha2)
-            pose = np.asarray(post["smooth_mean"], np.float32) + smooth2
-            s_out = smooth2
-        if beta > 0:  # the gain about the running posture, and the posture's own gain
-            posture += (s_out - posture) * np.float32(beta)
-            mean = np.asarray(post["gain_mean"], np.float32)
-            pose = ((pose - mean - posture) * np.float32(post["gain"]) + posture * np.float32(post["posture_gain"])) + mean
-        elif post["gain"] != 1.0:
-            mean = np.asarray(post["gain_mean"], np.float32)
-            pose = (pose - mean) * np.float32(post["gain"]) + mean
+            last = smooth2
+        if beta > 0:  # the motion about the running posture times g, the posture times its own gain
+            posture += (last - posture) * np.float32(beta)
+            gp = np.float32(post["posture_gain"])
+            pose = (last * g + posture * (gp - g)) + (mg + g * (ms - mg))
+        else:
+            if last is not None:
+                pose = ms + last
+            if post["gain"] != 1.0:
+                pose = (pose - mg) * g + mg
         poses.append(np.clip(pose, -1.0, 1.0).reshape(14, 2))
         hs, hz = (th.scale, th.zero_point) if th.scale else (1.0, 0)
         heading = (heading + (float(interp.get_tensor(idx_out[th.key])[0, 0]) - hz) * hs + math.pi) % (2 * math.pi) - math.pi
