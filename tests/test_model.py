@@ -88,6 +88,22 @@ def test_posture_stage_matches_numpy():
     assert np.abs(run_step_model(step, mcfg, x) - got).max() < 1e-5
 
 
+def test_state_noise_only_while_training():
+    """ModelConfig.state_noise perturbs the decoder's h and c in training calls only; the step
+    model (no noise) still equals the sequence model at inference."""
+    mcfg = ModelConfig(layers=1, units=8, lookback=3, dec_units=8, state_noise=0.05, dropout=0.0)
+    seq = _model(mcfg, seed=3)
+    x = np.random.default_rng(6).normal(size=(1, 30, F)).astype(np.float32)
+    feed = {"x": x, "prev": np.zeros((1, 30, N_POSE), np.float32), "tf_mask": np.zeros((1, 30, 1), np.float32)}
+    a, b = (np.asarray(seq(feed, training=True)) for _ in range(2))
+    assert np.abs(a - b).max() > 1e-4  # noise drawn afresh each call
+    c, d = (np.asarray(seq(feed, training=False)) for _ in range(2))
+    assert np.abs(c - d).max() == 0.0
+    step = build_step_model(mcfg, F)
+    copy_weights(seq, step)
+    assert np.abs(run_step_model(step, mcfg, x[0]) - run_free(seq, mcfg, x[0])).max() < 1e-5
+
+
 def test_legacy_model_config_has_no_posture():
     """A run saved before the posture stage loads as it was trained (no posture weight, no state)."""
     d = ModelConfig(layers=1, units=8).to_dict()

@@ -58,6 +58,8 @@ class TrainConfig:
     """Time constant of the noise, frames (25 = 1 s)."""
     dropout: float = 0.1
     """Dropout (encoder outputs, decoder input)."""
+    state_noise: float = 0.0
+    """Gaussian noise on the decoder LSTM's h and c while training (ModelConfig.state_noise)."""
     heads: int = 4
     """Attention heads (sa baseline)."""
     # --- optimisation ---

@@ -79,6 +79,10 @@ class ModelConfig:
     """ours: size of a slowly varying random input vector (0 = deterministic model)."""
     dropout: float = 0.1
     """Dropout between encoder layers and on the decoder input (training only)."""
+    state_noise: float = 0.0
+    """ours: std of Gaussian noise added to the decoder LSTM's h and c at every training step, so
+    the model learns not to amplify small state errors (int8 rounding of the decoder's cell
+    state is what makes a converted model jitter; docs/results/quantization.md). Training only."""
     heads: int = 4
     """sa: attention heads."""
 
@@ -201,8 +205,10 @@ def _layers():
         prev = mask * (gt_prev - mean) + (1 - mask) * own_prev."""
 
         def __init__(self, units, music_dims, feedback=True, noise_dims=0, dropout=0.0, free_running=False,
-                     pose_out=False, **kw):
+                     pose_out=False, state_noise=0.0, **kw):
             super().__init__(**kw)
+            self.state_noise = float(state_noise)
+            self.noise_seed = keras.random.SeedGenerator(1) if self.state_noise > 0 else None
             self.units, self.music_dims, self.feedback = units, music_dims, feedback
             self.free_running = free_running  # step model: input is [music, noise] only, prev = own
             # Step model for int8 only (converter.convert.folded_clone): the pose leaves as a linear
@@ -232,6 +238,9 @@ def _layers():
 
         def call(self, inputs, states, training=False):
             h, c, own = states
+            if training and self.noise_seed is not None:
+                h = h + self.state_noise * keras.random.normal(ops.shape(h), seed=self.noise_seed)
+                c = c + self.state_noise * keras.random.normal(ops.shape(c), seed=self.noise_seed)
             M = self.music_dims
             music = inputs[:, :M]
             parts = [music]
@@ -260,7 +269,7 @@ def _layers():
         def get_config(self):
             return {**super().get_config(), "units": self.units, "music_dims": self.music_dims,
                     "feedback": self.feedback, "noise_dims": self.noise_dims, "dropout": self.dropout,
-                    "free_running": self.free_running, "pose_out": self.pose_out}
+                    "free_running": self.free_running, "pose_out": self.pose_out, "state_noise": self.state_noise}
 
     return FeatureNorm, CausalAttention, DecoderCell
 
@@ -414,7 +423,7 @@ def build_sequence_model(mcfg: ModelConfig, n_features: int):
             parts.append(inputs["noise"])
         dec_in = layers.Concatenate(axis=-1)(parts) if len(parts) > 1 else parts[0]
         cell = DecoderCell(mcfg.dec_units, music_dims, feedback=mcfg.feedback, noise_dims=mcfg.noise_dims,
-                           dropout=mcfg.dropout, name="decoder_cell")
+                           dropout=mcfg.dropout, state_noise=mcfg.state_noise, name="decoder_cell")
         out = layers.RNN(cell, return_sequences=True, name="decoder")(dec_in)
         if mcfg.smooth:
             out = layers.RNN(_smooth_cell()(posture=mcfg.has_posture, smooth2=mcfg.has_smooth2, name="pose_smooth_cell"),
