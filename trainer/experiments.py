@@ -344,22 +344,19 @@ def matched_energy(runs: dict[str, pathlib.Path], train_dances, val_dances, max_
     beats a real dance from another song), so compare every model after the same output stage
     ours ships with: a causal low-pass, a running posture and a gain on the motion about it,
     fitted on TRAINING dances (trainer.train.fit_output_stage: energy towards ground truth's,
-    jitter capped at 1.4x, gain <= MATCHED_MAX_GAIN). The jitter cap stops some models short of
+    jitter capped at trainer.train.JITTER_CAP, gain <= MATCHED_MAX_GAIN). The jitter cap stops some models short of
     a dancer's energy, and MSE grows with energy, so every model that reaches MATCHED_MIN_ENERGY
     then has its gain set to the lowest energy any of them reached (on the training dances):
     all are measured at one energy level, free-running on the whole held-out dances."""
     from trainer.model import N_POSE, load_run, reset_output_stage, run_free
-    from trainer.train import apply_output_stage, dance_to_seq, fit_output_stage, quick_metrics
+    from trainer.train import apply_fit, dance_to_seq, fit_output_stage, quick_metrics
 
     tr = [dance_to_seq(d) for d in train_dances]
     tr = tr[:: max(1, len(tr) // max_dances)][:max_dances]
     va = [dance_to_seq(d) for d in val_dances]
 
-    def stage(raw, mean, st, gain):
-        return apply_output_stage(raw, mean, st["alpha"], gain, st["beta"], st["posture_gain"], st["alpha2"])
-
     def train_energy(fit, mean, st, gain):
-        return float(np.median([quick_metrics(stage(r, mean, st, gain), gt, mean)["energy_ratio"] for r, gt in fit]))
+        return float(np.median([quick_metrics(apply_fit(r, mean, st, gain), gt, mean)["energy_ratio"] for r, gt in fit]))
 
     fitted = {}
     for name, run in runs.items():
@@ -378,7 +375,7 @@ def matched_energy(runs: dict[str, pathlib.Path], train_dances, val_dances, max_
         gain = st["gain"]
         if level is not None and e >= MATCHED_MIN_ENERGY:
             gain, e = gain_at_level(lambda g: train_energy(fit, mean, st, g), gain, level)
-        per = [quick_metrics(stage(run_free(model, mcfg, s.x)[:, :N_POSE], mean, st, gain), s.pose, mean) for s in va]
+        per = [quick_metrics(apply_fit(run_free(model, mcfg, s.x)[:, :N_POSE], mean, st, gain), s.pose, mean) for s in va]
         out[name] = {**{k: float(np.mean([p[k] for p in per])) for k in per[0]}, "gain": gain,
                      "alpha": st["alpha"], "alpha2": st["alpha2"], "beta": st["beta"], "posture_gain": st["posture_gain"],
                      "train_energy": e, "at_level": bool(level is not None and abs(e - level) < 0.02)}

@@ -680,6 +680,17 @@ def reset_output_stage(model, mcfg: ModelConfig) -> None:
         set_posture(model, 0.0, 1.0)
 
 
+def set_output_stage(model, mcfg: ModelConfig, st: dict) -> None:
+    """Set a fitted output stage (trainer.train.fit_output_stage's dict: alpha, alpha2, beta,
+    posture_gain, gain) into a model, each part the model has."""
+    if mcfg.smooth:
+        set_smoothing(model, st["alpha"], st["alpha2"] if mcfg.has_smooth2 else None)
+    if mcfg.has_posture:
+        set_posture(model, st["beta"], st["posture_gain"])
+    if mcfg.output_gain:
+        set_gain(model, st["gain"])
+
+
 def set_posture(model, beta: float, gain: float = 1.0) -> None:
     """Set the running posture's coefficient (0 = off: the gain about the mean pose) and its own
     gain of a model whose output stage tracks a posture (ModelConfig.has_posture)."""

@@ -22,7 +22,7 @@ import numpy as np
 
 from trainer.config import TrainConfig, from_dict
 from trainer.model import (N_POSE, ModelConfig, build_sequence_model, make_noise, reset_output_stage, run_free,
-                           set_gain, set_normalization, set_posture, set_smoothing, smooth_np)
+                           set_normalization, set_output_stage, smooth_np)
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +301,12 @@ def apply_output_stage(raw: np.ndarray, mean: np.ndarray, alpha: float, gain: fl
     return mean + posture_gain * (p - mean) + gain * (s - p)
 
 
+def apply_fit(raw: np.ndarray, mean: np.ndarray, st: dict, gain: float | None = None) -> np.ndarray:
+    """apply_output_stage with a fit_output_stage result (its gain, or `gain`)."""
+    return apply_output_stage(raw, mean, st["alpha"], st["gain"] if gain is None else gain, st["beta"],
+                              st["posture_gain"], st["alpha2"])
+
+
 def validate(model, mcfg, val: list[Seq], max_frames: int, pose_mean: np.ndarray,
              cfg: TrainConfig | None = None) -> dict:
     """Free-running metrics on the held-out dances, and the model-selection score. With
@@ -319,9 +325,7 @@ def validate(model, mcfg, val: list[Seq], max_frames: int, pose_mean: np.ndarray
     m["score"] = selection_score(m)
     if cfg is not None and cfg.selection == "calibrated" and mcfg.kind == "ours" and mcfg.output_gain:
         st = fit_output_stage(pairs, pose_mean, cfg.max_gain, mcfg.smooth, True, mcfg.has_posture, mcfg.has_smooth2)
-        cal = [quick_metrics(apply_output_stage(o, pose_mean, st["alpha"], st["gain"], st["beta"], st["posture_gain"],
-                                                st["alpha2"]), gt, pose_mean)
-               for o, gt in pairs]
+        cal = [quick_metrics(apply_fit(o, pose_mean, st), gt, pose_mean) for o, gt in pairs]
         cm = {k: float(np.mean([c[k] for c in cal])) for k in cal[0]}
         m.update({f"cal_{k}": v for k, v in cm.items()}, cal_gain=st["gain"], cal_alpha=st["alpha"])
         m["raw_score"] = m["score"]
@@ -534,16 +538,9 @@ def finish(run, cfg, model, mcfg, train_seqs, val_dances, val_seqs, pose_mean, f
     held-out metrics (metrics.json) and plots."""
     calibration = None
     if mcfg.kind == "ours" and (mcfg.output_gain or mcfg.smooth):
-        calibration = calibrate_gain(model, mcfg, train_seqs, cfg)
-        alpha = calibration["alpha"]
-        reset_output_stage(model, mcfg)
+        calibration = calibrate_gain(model, mcfg, train_seqs, cfg)  # leaves the stage off
         uncal = {"gain": 1.0, "alpha": 1.0, **validate(model, mcfg, val_seqs, 0, pose_mean)}
-        if mcfg.smooth:
-            set_smoothing(model, alpha, calibration["alpha2"] if mcfg.has_smooth2 else None)
-        if mcfg.has_posture:
-            set_posture(model, calibration["beta"], calibration["posture_gain"])
-        if mcfg.output_gain:
-            set_gain(model, calibration["gain"])
+        set_output_stage(model, mcfg, calibration)
         model.save_weights(str(run / "model.weights.h5"))
         calibration["val_uncalibrated"] = uncal
     metrics = final_metrics(model, mcfg, val_dances, val_seqs, train_seqs, pose_mean, fcfg, cfg.eval_baselines)
@@ -586,8 +583,9 @@ ALPHAS = (1.0, 0.7, 0.5, 0.35, 0.25)  # output low-pass coefficients tried (1 = 
 
 
 def calibrate_gain(model, mcfg, train_seqs, cfg, max_dances: int = 10, max_frames: int = 1500) -> dict:
-    """Fit the output low-pass and gain (fit_output_stage) on TRAINING dances only, from the raw
-    free-running poses generated once, and set the low-pass in the model (the caller sets the gain)."""
+    """Fit the output stage (fit_output_stage) on TRAINING dances only, from the raw free-running
+    poses generated once. The model is left with its stage off (trainer.model.reset_output_stage);
+    the caller sets the fit (trainer.model.set_output_stage)."""
     reset_output_stage(model, mcfg)
     mean = model.get_layer("pose_gain").get_weights()[0] if mcfg.output_gain else None
     raws = []
@@ -597,10 +595,6 @@ def calibrate_gain(model, mcfg, train_seqs, cfg, max_dances: int = 10, max_frame
     if mean is None:
         mean = np.mean([p.mean(0) for _, p in raws], axis=0)
     st = fit_output_stage(raws, mean, cfg.max_gain, mcfg.smooth, mcfg.output_gain, mcfg.has_posture, mcfg.has_smooth2)
-    if mcfg.smooth:
-        set_smoothing(model, st["alpha"], st["alpha2"] if mcfg.has_smooth2 else None)
-    if mcfg.has_posture:
-        set_posture(model, st["beta"], st["posture_gain"])
     log.info("output calibrated on %d training dances: alpha %.2f, alpha2 %.2f (energy %.3f, jitter %.3f) -> gain %.3f, "
              "posture beta %.4f, posture gain %.3f", len(raws), st["alpha"], st["alpha2"], st["energy_ratio"],
              st["jitter_ratio"], st["gain"], st["beta"], st["posture_gain"])
