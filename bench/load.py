@@ -27,24 +27,29 @@ P99_LIMIT_MS = 50.0
 WARMUP_S = 1.0  # connections settle; the first second of each step is not measured
 
 
-def _payload(device_id: str, seq: int) -> bytes:
-    kp = [[round(0.1 * i - 0.7, 4), round(0.05 * i - 0.3, 4)] for i in range(14)]
-    msg = {"v": 1, "type": "pose", "device": device_id, "seq": seq, "t": time.time(), "frame": seq,
-           "t_audio": seq / FPS, "t_capture": time.time(), "fps": 25.0, "heading": 0.1,
-           "beat": {"bpm": 120.0, "phase": 0.5, "bar_phase": 0.25, "meter": 4, "onset": 0.3,
-                    "is_beat": False, "next_beat_in": 0.25}, "kp": kp}
-    return json.dumps(msg, separators=(",", ":")).encode()
+# A pose frame as the device publishes it (`device.protocol.PoseEncoder`, keypoints with 6 decimals).
+KP = np.round(np.stack([np.linspace(-0.7, 0.6, 14), np.linspace(-0.3, 0.35, 14)], axis=1) + 0.0123456, 6)
+BEAT = {"bpm": 120.0, "phase": 0.5, "bar_phase": 0.25, "meter": 4, "onset": 0.3, "is_beat": False,
+        "next_beat_in": 0.25}
+
+
+def _payload(encoder, seq: int) -> bytes:
+    now = time.time()
+    return encoder.encode(seq, now, frame=seq, t_audio=seq / FPS, t_capture=now, fps=float(FPS), kp=KP,
+                          heading=0.1, beat=BEAT)
 
 
 def _publisher(host, port, creds, device_ids, seconds, ready, go, result_q):
     import paho.mqtt.client as mqtt
+    from device.protocol import PoseEncoder
+
     clients = []
     for d in device_ids:
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         c.username_pw_set(f"device-{d}", creds[f"device-{d}"])
         c.connect(host, port, keepalive=60)
         c.loop_start()
-        clients.append((d, c))
+        clients.append((d, c, PoseEncoder(d)))
     ready.put(len(clients))
     go.wait()
     sent, late_ticks, ticks = 0, 0, 0
@@ -52,8 +57,8 @@ def _publisher(host, port, creds, device_ids, seconds, ready, go, result_q):
     seq = 0
     while time.monotonic() - t0 < seconds:
         tick_start = t0 + seq / FPS
-        for d, c in clients:
-            c.publish(f"edgedance/v1/{d}/pose", _payload(d, seq), qos=0)
+        for d, c, enc in clients:
+            c.publish(f"edgedance/v1/{d}/pose", _payload(enc, seq), qos=0)
             sent += 1
         seq += 1
         ticks += 1
@@ -65,7 +70,7 @@ def _publisher(host, port, creds, device_ids, seconds, ready, go, result_q):
         del tick_start
     achieved = sent / max(1e-9, time.monotonic() - t0)
     time.sleep(0.5)
-    for _, c in clients:
+    for _, c, _ in clients:
         c.loop_stop()
         c.disconnect()
     result_q.put({"sent": sent, "rate": achieved, "late_ticks": late_ticks, "ticks": ticks})
@@ -170,7 +175,10 @@ def main(argv=None) -> str:
                     break
     ok = [r["devices"] for r in rows if r["p99"] <= P99_LIMIT_MS and r["delivered_fraction"] >= 0.99]
     okr = [r["robots"] for r in rrows if r["p99"] <= P99_LIMIT_MS and r["delivered_fraction"] >= 0.99]
-    md = ["## Broker load (one Mosquitto, 25 fps JSON pose frames, ~600 bytes)", "",
+    from device.protocol import PoseEncoder
+
+    size = len(_payload(PoseEncoder("ld0"), 1000))
+    md = [f"## Broker load (one Mosquitto, 25 fps JSON pose frames as the device writes them, {size} bytes)", "",
           f"Command: `python -m bench.load --steps {args.steps} --robots {args.robots} --seconds {args.seconds:g}`", "",
           "| devices | target msg/s | achieved msg/s | delivered | p50 ms | p99 ms | max ms | generator late ticks |",
           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

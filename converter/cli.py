@@ -2,6 +2,7 @@
 
     python -m converter convert RUN --quantize int8 --out models/default [--report]
     python -m converter report RUN [--md docs/results/quantization.md] [--bundles DIR]
+    python -m converter diagnose RUN --bundle DIR [--frames 1000]
     python -m converter test-bundle OUT --features 48
 """
 from __future__ import annotations
@@ -57,9 +58,15 @@ def _max_gain(run) -> float:
     return float(json.loads(p.read_text()).get("max_gain", TrainConfig.max_gain)) if p.exists() else TrainConfig.max_gain
 
 
-def _samples(models, train, args):
+READOUT_SAMPLES_FACTOR = 6  # the int8 pose read-out is refitted on 6x the calibration samples
+
+
+def _samples(models, train, args) -> tuple[list[dict], list[dict]]:
+    """(calibration samples, the larger set the int8 pose read-out is refitted on): one run of
+    the float step model over the training songs' first frames, every 6th sample calibrates."""
     songs = [d.features.x[: args.calib_frames] for d in train]
-    return cv.representative_samples(models, songs, n_samples=args.samples)
+    every = cv.representative_samples(models, songs, n_samples=args.samples * READOUT_SAMPLES_FACTOR)
+    return every[::READOUT_SAMPLES_FACTOR], every
 
 
 def _validate(models, bundle_dir, val, ref, kf, mode, float_size):
@@ -75,8 +82,8 @@ def cmd_convert(args) -> int:
     from converter import bundle, validate
 
     models, train, val, diff = _prepare(args)
-    samples = _samples(models, train, args) if args.quantize in ("int8", "int16x8") else None
-    blob = cv.to_tflite(models, args.quantize, samples)
+    samples, readout = _samples(models, train, args) if args.quantize in ("int8", "int16x8") else (None, None)
+    blob = cv.to_tflite(models, args.quantize, samples, readout_samples=readout)
     training = _training_summary(args.run, train, val, diff)
     out = bundle.write_bundle(args.out, blob, models, args.quantize, training=training)
     print(f"wrote {out}: {args.quantize}, {len(blob)} bytes")
@@ -100,7 +107,7 @@ def cmd_report(args) -> int:
     from converter import bundle, validate
 
     models, train, val, diff = _prepare(args)
-    samples = _samples(models, train, args)
+    samples, readout = _samples(models, train, args)
     ref = validate.keras_reference(models, val)
     kf = validate.keras_float_metrics(val, ref)
     root = pathlib.Path(args.bundles) if args.bundles else pathlib.Path(tempfile.mkdtemp(prefix="edgedance-report-"))
@@ -110,8 +117,10 @@ def cmd_report(args) -> int:
     variants.append(("int8, states not tied", "int8", {"tie_states": False}))  # the tie's effect
     variants.append(("int8, calibrated input", "int8", {"fixed_input": False}))  # the fixed 1/127 input's
     variants.append(("int8, Keras output stage", "int8", {"keep_output_stage": True}))  # the refit's
+    variants.append(("int8, Keras read-out weights", "int8", {"refit_readout": False}))  # the read-out refit's
+    variants.append(("int8, f*c not carried", "int8", {"carry_products": False}))  # f * c on its min/max grid
     for label, mode, kw in variants:
-        blob = cv.to_tflite(models, mode, samples if mode in ("int8", "int16x8") else None,
+        blob = cv.to_tflite(models, mode, samples if mode in ("int8", "int16x8") else None, readout_samples=readout,
                             **{k: v for k, v in kw.items() if k != "keep_output_stage"})
         if mode == "float":
             float_size = len(blob)
@@ -177,6 +186,21 @@ def write_section(path: pathlib.Path, md: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
+def cmd_diagnose(args) -> int:
+    from converter import validate
+
+    models, _, val, _ = _prepare(args)
+    x = val[0].features.x[: args.frames]
+    errs = validate.local_errors(args.bundle, models, x)
+    print(f"{args.bundle} on {len(x)} frames of {val[0].name}: each output's error made inside the graph in one "
+          "frame (the float step model fed the same inputs), in steps of its int8 grid (rounding alone: 0.25 mean)")
+    print(f"| output | step | mean | max |\n| --- | --- | --- | --- |")
+    for name, e in errs.items():
+        unit = f"{e['scale']:.3g}" if e["scale"] else "float (absolute)"
+        print(f"| {name} | {unit} | {e['mean']:.2f} | {e['max']:.1f} |")
+    return 0
+
+
 def cmd_test_bundle(args) -> int:
     from converter import bundle
 
@@ -224,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--md", default=str(DEFAULT_MD), help=f"markdown file to write (default {DEFAULT_MD})")
     p.add_argument("--bundles", default=None, help="keep the variants' bundles here (default: a temp folder)")
     p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("diagnose", help="where a quantized bundle's error arises: each output's one-frame error "
+                                        "against the float step model fed the same inputs")
+    _common(p)
+    p.add_argument("--bundle", required=True, help="bundle folder converted from RUN")
+    p.add_argument("--frames", type=int, default=1000, help="frames of the first held-out song (default 1000)")
+    p.set_defaults(fn=cmd_diagnose)
 
     p = sub.add_parser("test-bundle", help="a small real bundle with random weights, for tests")
     p.add_argument("out", help="bundle folder to write")

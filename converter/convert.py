@@ -139,6 +139,7 @@ class KerasModels:
     source: str = ""
     smoothing: dict | None = None  # the pose tail run on the device (trainer.model.output_stage_params)
     pose_decode: dict | None = None  # the pose read-out of the last to_tflite (fit_pose_decode; None = identity)
+    pose_readout: tuple | None = None  # its weights (W, b) refitted to the int8 graph's own h (fit_pose_readout)
     _graph_sig: StepSignature | None = dataclasses.field(default=None, repr=False)
 
     def graph_signature(self) -> StepSignature:
@@ -180,7 +181,7 @@ class KerasStepper:
 
         self.models = models
         self.sig = models.graph_signature() if folded else models.signature
-        step = folded_clone(models, models.pose_decode) if folded else models.step
+        step = folded_clone(models, models.pose_decode, models.pose_readout) if folded else models.step
         sm = models.smoothing if folded else None
         dc = (models.pose_decode or {"offset": [0.0] * 28, "scale": [1.0] * 28}) if folded else None
         self._decode = None if dc is None else (np.asarray(dc["scale"], np.float32), np.asarray(dc["offset"], np.float32))
@@ -268,14 +269,16 @@ def representative_samples(models: KerasModels, songs: list[np.ndarray], n_sampl
 # TFLite
 
 
-def folded_clone(models: KerasModels, pose_decode: dict | None = None):
+def folded_clone(models: KerasModels, pose_decode: dict | None = None, readout: tuple | None = None):
     """A copy of the step model with feat_norm folded into the LSTMs (feat_norm = identity) and
     without the pose tail (low-pass, gain, posture, their states): the device runs it in float
     (module doc), so the graph ends at the decoder. Its pose leaves as the linear read-out
     y = (W h + b - offset) / scale (`trainer.model.DecoderCell.pose_out`; `pose_decode`
     {offset, scale}, per coordinate; identity when None) and the device takes tanh(y * scale +
     offset): in int8, tanh's output has a fixed 1/128 grid over [-1, 1] for all 28 coordinates
-    at once, while y gives each coordinate 256 steps over its own range of motion."""
+    at once, while y gives each coordinate 256 steps over its own range of motion. `readout`
+    (W (units, 29), b (29,)): the pose's and the heading's read-out weights instead
+    (`fit_pose_readout`)."""
     from trainer import model as tm
 
     mcfg = dataclasses.replace(models.mcfg, smooth=False, output_gain=False)
@@ -293,7 +296,12 @@ def folded_clone(models: KerasModels, pose_decode: dict | None = None):
     W, b = (w.astype(np.float64) for w in dec.pose_head.get_weights())
     dc = pose_decode or {"offset": [0.0] * 28, "scale": [1.0] * 28}
     off, sc = np.asarray(dc["offset"], np.float64), np.asarray(dc["scale"], np.float64)
-    dec.pose_out_head.set_weights([(W / sc).astype(np.float32), ((b - off) / sc).astype(np.float32)])
+    if readout is not None:  # (W (units, 29), b (29,)): the pose's read-out, then the heading's
+        W1, b1 = np.asarray(readout[0], np.float32), np.asarray(readout[1], np.float32)
+        dec.pose_out_head.set_weights([W1[:, :28], b1[:28]])
+        dec.heading_head.set_weights([W1[:, 28:], b1[28:]])
+    else:
+        dec.pose_out_head.set_weights([(W / sc).astype(np.float32), ((b - off) / sc).astype(np.float32)])
     return clone
 
 
@@ -314,6 +322,77 @@ def fit_pose_decode(models: KerasModels, samples: list[dict], pct: float = POSE_
     sc = np.maximum(np.percentile(np.abs(z - off), pct, axis=0), 1e-3)
     return {"activation": "tanh", "offset": [float(v) for v in off], "scale": [float(v) for v in sc],
             "note": "pose = tanh(y * scale + offset), y the dequantized pose output"}
+
+
+READOUT_RIDGE = 1e-6  # the read-out refit's ridge, per sample: a guard, far below the int8 noise
+
+
+def quantize_to(v, detail: dict) -> np.ndarray:
+    """Real values onto a TFLite tensor's grid (`detail`: an entry of a signature runner's
+    get_input_details / get_output_details); a float tensor takes them as they are."""
+    s_, z = detail["quantization"]
+    if not s_:
+        return np.asarray(v, detail["dtype"])
+    info = np.iinfo(detail["dtype"])
+    return np.clip(np.round(np.asarray(v, np.float32) / s_) + z, info.min, info.max).astype(detail["dtype"])
+
+
+def dequantize(v: np.ndarray, detail: dict) -> np.ndarray:
+    """A TFLite tensor's values as real numbers (float32)."""
+    s_, z = detail["quantization"]
+    return (v.astype(np.float32) - z) * s_ if s_ else v.astype(np.float32)
+
+
+def readout_pairs(models: KerasModels, blob: bytes, samples: list[dict]):
+    """Over the samples (inputs on the int8 graph's grids): the graph's own dequantized decoder h
+    (N, units), the float read-outs of the same inputs (N, 29: the pose's 28 then the heading
+    change), and those read-outs' weights W (units, 29), b (29,)."""
+    import tensorflow as tf
+
+    step = folded_clone(models, models.pose_decode)
+    sig = describe(step)
+    keys = {name: key for key, name in output_names(sig).items()}
+    if "dec_h_out" not in keys:
+        raise ConversionError("fit_pose_readout: the step model has no decoder state dec_h")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # tf.lite.Interpreter's deprecation notice
+        runner = tf.lite.Interpreter(model_content=blob).get_signature_runner()
+    ind, outd = runner.get_input_details(), runner.get_output_details()
+
+    def both(feed):
+        out = step(feed, training=False)
+        return tf.concat([out[POSE_OUTPUT], out[HEADING_OUTPUT]], axis=-1)
+
+    fn = tf.function(both)
+    H, Y = [], []
+    for smp in samples:
+        feed = {k: quantize_to(smp[k], ind[k]) for k in ind}
+        H.append(dequantize(runner(**feed)[keys["dec_h_out"]], outd[keys["dec_h_out"]])[0])
+        Y.append(np.asarray(fn({k: dequantize(v, ind[k]) for k, v in feed.items()}))[0])
+    dec = step.get_layer("decoder")
+    (Wp, bp), (Wh, bh) = dec.pose_out_head.get_weights(), dec.heading_head.get_weights()
+    W, b = np.concatenate([Wp, Wh], axis=1).astype(np.float64), np.concatenate([bp, bh]).astype(np.float64)
+    return np.asarray(H, np.float64), np.asarray(Y, np.float64), W, b
+
+
+def fit_pose_readout(models: KerasModels, blob: bytes, samples: list[dict], ridge: float = READOUT_RIDGE) -> tuple:
+    """The pose read-out y = W h + b (and the heading change's beside it) refitted to what the
+    int8 graph's decoder h really is: the least-squares W, b from the graph's own dequantized h
+    to the float read-out of the same inputs (`readout_pairs`). The int8 h carries rounding noise on every unit (the int8 TANH and
+    LOGISTIC grids, h's own grid) that the float weights, large in directions where h barely
+    varies, turn into frame-to-frame noise of the pose; the refitted weights keep the signal
+    and leave those directions (the least-squares read-out from a noisy input). The heading
+    change is integrated on the device, so its read-out's bias is what turns the figure: the
+    fit's intercept removes it. Returns (W (units, 29), b (29,))."""
+    H, Y, W0, b0 = readout_pairs(models, blob, samples)
+    A = np.concatenate([H, np.ones((len(H), 1))], axis=1)
+    R = ridge * len(H) * np.eye(A.shape[1])
+    R[-1, -1] = 0.0  # no penalty on the bias
+    sol = np.linalg.solve(A.T @ A + R, A.T @ Y)
+    log.info("pose read-out refitted to the int8 h on %d samples: error %.3g -> %.3g (y units^2), |W| %.1f -> %.1f",
+             len(H), np.mean((H @ W0 + b0 - Y) ** 2), np.mean((A @ sol - Y) ** 2), np.linalg.norm(W0),
+             np.linalg.norm(sol[:-1]))
+    return sol[:-1].astype(np.float32), sol[-1].astype(np.float32)
 
 
 def _fold_rows(cell, offset: int, mean: np.ndarray, inv_std: np.ndarray) -> None:
@@ -361,30 +440,33 @@ def _retune_quantization(blob: bytes, plan) -> bytes:
 RESCALE_SAFE_OPS = ("FULLY_CONNECTED", "MUL", "ADD", "SUB", "TANH", "LOGISTIC")
 
 
-def _consumers(model, sg) -> dict[int, set[str]]:
-    """Tensor index -> names of the builtin ops that read it."""
+def _op_name(model, op) -> str:
+    """The builtin operator's name of a flatbuffer op (FULLY_CONNECTED, ADD, ...)."""
     from tensorflow.lite.python import schema_py_generated as schema
 
-    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    code = model.operatorCodes[op.opcodeIndex]
+    number = max(code.builtinCode, code.deprecatedBuiltinCode)
+    return next((k for k, v in vars(schema.BuiltinOperator).items() if v == number and not k.startswith("_")), "?")
+
+
+def _consumers(model, sg) -> dict[int, set[str]]:
+    """Tensor index -> names of the builtin ops that read it."""
     out: dict[int, set[str]] = {}
     for op in sg.operators:
-        code = model.operatorCodes[op.opcodeIndex]
-        name = names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "?")
+        name = _op_name(model, op)
         for i in op.inputs:
             out.setdefault(int(i), set()).add(name)
     return out
 
 
+def _producers(model, sg) -> dict[int, object]:
+    """Tensor index -> the op that writes it."""
+    return {int(o): op for op in sg.operators for o in op.outputs}
+
+
 def _concat_inputs(model, sg) -> set[int]:
     """Tensors that enter a CONCATENATION: XNNPACK wants one scale across its inputs."""
-    from tensorflow.lite.python import schema_py_generated as schema
-
-    out = set()
-    for op in sg.operators:
-        code = model.operatorCodes[op.opcodeIndex]
-        if max(code.builtinCode, code.deprecatedBuiltinCode) == schema.BuiltinOperator.CONCATENATION:
-            out.update(int(i) for i in op.inputs)
-    return out
+    return {int(i) for op in sg.operators if _op_name(model, op) == "CONCATENATION" for i in op.inputs}
 
 
 def fix_input_quantization(blob: bytes, input_name: str = FEATURE_INPUT, scale: float = FIXED_INPUT_SCALE,
@@ -410,12 +492,23 @@ def tie_state_quantization(blob: bytes, sig: StepSignature) -> bytes:
 
     def plan(model, sg, inputs, outputs):
         concat_inputs = _concat_inputs(model, sg)
+        consumers, producers = _consumers(model, sg), _producers(model, sg)
         out = {}
         for a, b in sig.states:
-            if inputs[a] in concat_inputs:
-                continue  # XNNPACK (and the quantizer) want one scale across a concatenation's inputs
-            q = sg.tensors[outputs[keys[b]]].quantization
-            out[inputs[a]] = (q.scale[0], q.zeroPoint[0])
+            i_idx, o_idx = inputs[a], outputs[keys[b]]
+            if i_idx in concat_inputs:
+                # XNNPACK (and the quantizer) want one scale across a concatenation's inputs: the
+                # input keeps it, and the output takes it instead when the op making it rescales
+                # (the fed-back pose, pose - mean: one rounding onto the grid the input has anyway,
+                # instead of two through a table on the device)
+                maker = producers.get(o_idx)
+                if (maker is not None and _op_name(model, maker) in RESCALE_SAFE_OPS
+                        and consumers.get(o_idx, set()) <= set(RESCALE_SAFE_OPS)):
+                    q = sg.tensors[i_idx].quantization
+                    out[o_idx] = (q.scale[0], q.zeroPoint[0])
+                continue
+            q = sg.tensors[o_idx].quantization
+            out[i_idx] = (q.scale[0], q.zeroPoint[0])
         return out
     return _retune_quantization(blob, plan)
 
@@ -431,13 +524,30 @@ STATE_RANGE_PERCENTILE = 99.0
 STATE_RANGE_MIN_GAIN = 1.2
 
 
+def _carried_products(model, sg, i_idx: int, o_idx: int, consumers: dict) -> list[int]:
+    """The products that carry a state into its own update: for an LSTM cell state, f * c in
+    c' = f * c + i * g (an ADD whose operand is a MUL that reads the state input), when read by
+    that ADD only."""
+    producers = _producers(model, sg)
+    add = producers.get(o_idx)
+    if add is None or _op_name(model, add) != "ADD":
+        return []
+    return [t for t in map(int, add.inputs)
+            if (mul := producers.get(t)) is not None and _op_name(model, mul) == "MUL"
+            and i_idx in map(int, mul.inputs) and consumers.get(t, set()) == {"ADD"}]
+
+
 def narrow_state_ranges(blob: bytes, sig: StepSignature, samples: list[dict], pct: float = STATE_RANGE_PERCENTILE,
-                        min_gain: float = STATE_RANGE_MIN_GAIN, pct_by_state: dict | None = None) -> bytes:
+                        min_gain: float = STATE_RANGE_MIN_GAIN, pct_by_state: dict | None = None,
+                        carry_products: bool = True) -> bytes:
     """Calibrate the tied states by a percentile of |value| instead of min/max. An LSTM's cell
     state has long tails (the first encoder's c: |c| up to 20, std 0.9, 99.9th percentile 9),
     and a min/max int8 scale spends its 256 steps on the tails. The rare values past the
     percentile saturate; tanh(c) is flat there anyway. Applied to a tied state (output and
-    input together) only when the range shrinks by at least `min_gain`."""
+    input together) only when the range shrinks by at least `min_gain`. With `carry_products`
+    the product that carries the state into its update (f * c, |f * c| <= |c|) gets the state's
+    grid too: calibrated on min/max it kept the tails' coarse step (2-6x the state's), and its
+    rounding every frame moved the state's trajectory."""
     keys = {name: key for key, name in output_names(sig).items()}
 
     def plan(model, sg, inputs, outputs):
@@ -459,16 +569,19 @@ def narrow_state_ranges(blob: bytes, sig: StepSignature, samples: list[dict], pc
             zp = int(np.clip(np.rint(-128 - lo / scale), -128, 127))
             log.info("state %s: int8 range [%.3g, %.3g] -> [%.3g, %.3g]", a, lo_c, hi_c, lo, hi)
             out[i_idx] = out[o_idx] = (scale, zp)
+            for t in _carried_products(model, sg, i_idx, o_idx, consumers) if carry_products else ():
+                log.info("state %s: its carried product %s on the state's grid", a, sg.tensors[t].name.decode())
+                out[t] = (scale, zp)
         return out
     return _retune_quantization(blob, plan)
 
 
 def to_tflite(models: KerasModels, mode: str, samples: list[dict] | None = None, fixed_input: bool = True,
-              tie_states: bool = True, narrow_states: bool = True) -> bytes:
-    """Convert the step model (normalisation folded in) to a TFLite flatbuffer."""
-    import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-
+              tie_states: bool = True, narrow_states: bool = True, readout_samples: list[dict] | None = None,
+              refit_readout: bool = True, carry_products: bool = True) -> bytes:
+    """Convert the step model (normalisation folded in) to a TFLite flatbuffer. int8: then the
+    pose read-out refitted to the converted graph's own h (`fit_pose_readout`, on
+    `readout_samples`, else `samples`) and converted again with it."""
     if mode not in QUANTIZE_MODES:
         raise ConversionError(f"quantize={mode!r}: choose one of {QUANTIZE_MODES}")
     if mode in ("int8", "int16x8") and not samples:
@@ -476,7 +589,22 @@ def to_tflite(models: KerasModels, mode: str, samples: list[dict] | None = None,
     # The pose read-out's per-coordinate map: fitted for the integer variants, identity in float.
     # Kept on `models` for the bundle written next (write_bundle puts it in the manifest).
     models.pose_decode = fit_pose_decode(models, samples) if mode in ("int8", "int16x8") else None
-    step = folded_clone(models, models.pose_decode)
+    models.pose_readout = None
+    conv = dict(fixed_input=fixed_input, tie_states=tie_states, narrow_states=narrow_states,
+                carry_products=carry_products)
+    blob = _convert(models, mode, samples, **conv)
+    if mode == "int8" and refit_readout:
+        models.pose_readout = fit_pose_readout(models, blob, readout_samples or samples)
+        blob = _convert(models, mode, samples, **conv)
+    return blob
+
+
+def _convert(models: KerasModels, mode: str, samples, *, fixed_input: bool, tie_states: bool, narrow_states: bool,
+             carry_products: bool) -> bytes:
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    step = folded_clone(models, models.pose_decode, models.pose_readout)
     sig = describe(step)
     in_names = [s.name for s in sig.inputs]
     out_names = [s.name for s in sig.outputs]
@@ -511,7 +639,7 @@ def to_tflite(models: KerasModels, mode: str, samples: list[dict] | None = None,
     if mode in ("int8", "int16x8") and tie_states:
         blob = tie_state_quantization(blob, sig)
         if mode == "int8" and narrow_states:
-            blob = narrow_state_ranges(blob, sig, samples)
+            blob = narrow_state_ranges(blob, sig, samples, carry_products=carry_products)
     if mode == "int8" and fixed_input:
         blob = fix_input_quantization(blob)
     log.info("converted %s: %d bytes", mode, len(blob))

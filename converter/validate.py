@@ -52,6 +52,10 @@ def load_split(run_dir, data_root=None, cache_dir=None):
 
 
 REFIT_DANCES, REFIT_FRAMES = 10, 1500  # as trainer.train.calibrate_gain fits the Keras model's stage
+# The refit's low-pass coefficients: finer than the trainer's (trainer.train.ALPHAS) where the
+# int8 model's jitter cap falls; with 0.5 and 0.35 only, the refit jumped past the cap to a
+# dancer's jitter (0.98x) and lost the beat (BAS 0.50 against 0.65 with the Keras stage).
+REFIT_ALPHAS = (1.0, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25)
 
 
 def refit_output_stage(bundle_dir, models: cv.KerasModels, train_dances, max_gain: float = 4.0) -> dict | None:
@@ -77,7 +81,8 @@ def refit_output_stage(bundle_dir, models: cv.KerasModels, train_dances, max_gai
             x = d.features.x[:REFIT_FRAMES]
             pairs.append((s.run(x)[0].reshape(len(x), -1).astype(np.float64), d.poses[:REFIT_FRAMES].reshape(-1, 28)))
     mcfg = models.mcfg
-    st = fit_output_stage(pairs, mean, max_gain, mcfg.smooth, mcfg.output_gain, mcfg.has_posture, mcfg.has_smooth2)
+    st = fit_output_stage(pairs, mean, max_gain, mcfg.smooth, mcfg.output_gain, mcfg.has_posture, mcfg.has_smooth2,
+                          alphas=REFIT_ALPHAS)
     post = {**keras_post, **{k: float(st[k]) for k in ("alpha", "alpha2", "gain", "beta", "posture_gain")}}
     cb.update_manifest(bundle_dir, pose_post=post, pose_post_keras=keras_post,
                        pose_post_fit={"fitted_on": "the converted model's output on training dances",
@@ -90,6 +95,48 @@ def refit_output_stage(bundle_dir, models: cv.KerasModels, train_dances, max_gai
              bundle_dir, st["alpha"], st["alpha2"], st["gain"], st["beta"], st["posture_gain"],
              keras_post["alpha"], keras_post["alpha2"], keras_post["gain"])
     return st
+
+
+def local_errors(bundle_dir, models: cv.KerasModels, x: np.ndarray) -> dict[str, dict]:
+    """Where a quantized graph's error arises: each frame the bundle's graph runs on its own
+    (integer) inputs and states, and the float folded step model on the same inputs
+    dequantized; every output's difference, in steps of that output's int8 grid (absolute for
+    a float output), averaged over the frames and at its largest. Rounding alone is 0.25 steps
+    on average; more is error made inside the graph that frame. Returns {output: {mean, max,
+    scale}} in the graph's output order."""
+    import tensorflow as tf
+
+    from device.model import load_bundle, make_interpreter
+
+    b = load_bundle(bundle_dir)
+    decode = b.manifest.get("pose_decode")
+    step = cv.folded_clone(models, decode)
+    fn = tf.function(lambda feed: step(feed, training=False), reduce_retracing=True)
+    runner = make_interpreter(b.model_path).get_signature_runner()
+    ind, outd = runner.get_input_details(), runner.get_output_details()
+    sig = cv.describe(step)
+    names = cv.output_names(sig)  # signature key -> our name
+    keys = {n: k for k, n in names.items()}
+
+    quant, deq = cv.quantize_to, cv.dequantize  # real values <-> the graph's integers
+    states = {a: quant(np.zeros(ind[a]["shape"], np.float32), ind[a]) for a, _ in sig.states}
+    sums = {n: [0.0, 0.0] for n in names.values()}
+    for t in range(len(x)):
+        feed = {cv.FEATURE_INPUT: quant(x[t : t + 1].astype(np.float32), ind[cv.FEATURE_INPUT]), **states}
+        if sig.noise_dims:  # a model with a noise input: diagnosed at zero noise
+            feed[cv.NOISE_INPUT] = quant(np.zeros((1, sig.noise_dims), np.float32), ind[cv.NOISE_INPUT])
+        out = runner(**feed)
+        ref = fn({k: deq(v, ind[k]) for k, v in feed.items()})
+        for key, name in names.items():
+            s = outd[key]["quantization"][0]
+            e = np.abs(deq(out[key], outd[key]) - np.asarray(ref[name])) / (s or 1.0)
+            sums[name][0] += float(e.mean())
+            sums[name][1] = max(sums[name][1], float(e.max()))
+        for a, o in sig.states:  # fed back as the device does: tied states as they are
+            v, d = out[keys[o]], outd[keys[o]]
+            states[a] = v if d["quantization"] == ind[a]["quantization"] else quant(deq(v, d), ind[a])
+    return {n: {"mean": m / max(len(x), 1), "max": mx, "scale": outd[keys[n]]["quantization"][0]}
+            for n, (m, mx) in sums.items()}
 
 
 def keras_reference(models: cv.KerasModels, dances) -> dict[str, np.ndarray]:

@@ -105,16 +105,27 @@ def tiny(tmp_path_factory):
     pytest.importorskip("tensorflow")
     from converter.bundle import make_test_bundle
 
+    from converter import bundle as cb
+    from converter import convert as cv
+
     root = tmp_path_factory.mktemp("step")
-    return {q: dm.load_bundle(make_test_bundle(root / q, n_features=F, seed=5, quantize=q, check=False))
-            for q in ("int8", "float")}
+    out = {q: dm.load_bundle(make_test_bundle(root / q, n_features=F, seed=5, quantize=q, check=False))
+           for q in ("int8", "float")}
+    # untied states: every one goes back through its re-quantization table
+    models = cb.tiny_models(F, seed=5)
+    samples = cv.representative_samples(models, [cb.synthetic_features(200, F, seed=5)], n_samples=60)
+    blob = cv.to_tflite(models, "int8", samples, tie_states=False)
+    out["int8-untied"] = dm.load_bundle(cb.write_bundle(root / "untied", blob, models, "int8"))
+    return out
 
 
-@pytest.mark.parametrize("quantize", ["int8", "float"])
+@pytest.mark.parametrize("quantize", ["int8", "float", "int8-untied"])
 def test_step_equals_plain_copies(tiny, quantize):
     from converter.bundle import synthetic_features
 
     b = tiny[quantize]
+    if quantize == "int8-untied":
+        assert sum(lut is not None for lut in b.stepper()._state_lut) >= 4
     post = b.manifest["pose_post"]
     assert post["alpha"] < 1 and post["alpha2"] < 1 and post["gain"] != 1 and post["beta"] > 0  # the tail is exercised
     x = synthetic_features(120, F, seed=11)

@@ -87,6 +87,73 @@ def test_int8_tflite_close_to_keras(models, song, keras_out, tmp_path):
     assert err.mean() < 0.15 * scale, (err.mean(), scale)  # quantization error, not garbage
 
 
+def test_narrowed_cell_states_carry_their_product(models):
+    """A narrowed LSTM cell state gives its grid to f * c, the product that carries it into
+    c' = f * c + i * g (min/max calibration left that product on a 2-6x coarser grid)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    samples = cv.representative_samples(models, [cb.synthetic_features(200, F, seed=11)], n_samples=100)
+    blob = cv.to_tflite(models, "int8", samples, narrow_states=False)
+    sig = models.graph_signature()
+
+    def grids(carry):
+        b = cv.narrow_state_ranges(blob, sig, samples, pct=90.0, min_gain=1.0, carry_products=carry)
+        m = schema.ModelT.InitFromPackedBuf(bytearray(b), 0)
+        sg = m.subgraphs[0]
+        ins = {t.name.decode(): t.tensorIndex for t in m.signatureDefs[0].inputs}
+        outs = {t.name.decode(): t.tensorIndex for t in m.signatureDefs[0].outputs}
+        keys = {n: k for k, n in cv.output_names(sig).items()}
+        res = {}
+        for state in ("enc_c_0", "dec_c"):
+            o = outs[keys[state + "_out"]]
+            prods = cv._carried_products(m, sg, ins[state], o, cv._consumers(m, sg))
+            assert len(prods) == 1, (state, prods)  # exactly f * c
+            q = lambda i: (sg.tensors[i].quantization.scale[0], sg.tensors[i].quantization.zeroPoint[0])
+            res[state] = (q(o), q(prods[0]))
+        return res
+
+    for state, (q_state, q_prod) in grids(True).items():
+        assert q_prod == q_state, state
+    assert any(q_prod[0] > 1.5 * q_state[0] for q_state, q_prod in grids(False).values())  # coarser without
+
+
+def test_pose_readout_refitted_to_the_int8_h(models):
+    """int8: the pose and heading read-outs' weights are refitted (least squares) from the graph's own noisy
+    decoder h to the float read-out: on those samples its error is lower than the float
+    weights' (which are one candidate of the fit), and the graph converted again carries them."""
+    samples = cv.representative_samples(models, [cb.synthetic_features(300, F, seed=12)], n_samples=300)
+    blob0 = cv.to_tflite(models, "int8", samples, refit_readout=False)
+    assert models.pose_readout is None
+    H, Y, W0, b0 = cv.readout_pairs(models, blob0, samples)
+    assert H.shape == (len(samples), models.mcfg.dec_units) and Y.shape == (len(samples), 29)  # pose, heading
+    W, b = cv.fit_pose_readout(models, blob0, samples)
+    before, after = np.mean((H @ W0 + b0 - Y) ** 2), np.mean((H @ W + b - Y) ** 2)
+    assert after < before, (after, before)
+    blob1 = cv.to_tflite(models, "int8", samples)
+    np.testing.assert_allclose(models.pose_readout[0], W, rtol=1e-3, atol=1e-5)  # the same fit, kept on models
+    dec = cv.folded_clone(models, models.pose_decode, models.pose_readout).get_layer("decoder")
+    np.testing.assert_allclose(dec.pose_out_head.get_weights()[0], models.pose_readout[0][:, :28])
+    np.testing.assert_allclose(dec.heading_head.get_weights()[1], models.pose_readout[1][28:])
+    assert blob1 != blob0
+
+
+def test_local_errors(models, song, tmp_path):
+    """validate.local_errors: the float graph makes no error of its own in a frame; the int8
+    graph's outputs are off by a few steps of their grids, each reported by name."""
+    from converter import validate
+
+    cb.write_bundle(tmp_path / "f", cv.to_tflite(models, "float"), models, "float")
+    fl = validate.local_errors(tmp_path / "f", models, song[:40])
+    assert set(fl) == {o.name for o in models.graph_signature().outputs}
+    assert all(e["scale"] == 0.0 and e["max"] < 1e-4 for e in fl.values()), fl
+    samples = cv.representative_samples(models, [cb.synthetic_features(200, F, seed=11)], n_samples=100)
+    cb.write_bundle(tmp_path / "q", cv.to_tflite(models, "int8", samples), models, "int8")
+    q = validate.local_errors(tmp_path / "q", models, song[:40])
+    assert all(e["scale"] > 0 for e in q.values())
+    assert 0.05 < q["pose"]["mean"] < 20 and q["pose"]["max"] >= q["pose"]["mean"], q["pose"]
+    assert q["dec_c_out"]["mean"] < 5, q
+
+
 def test_int8_needs_samples(models):
     with pytest.raises(cv.ConversionError, match="representative"):
         cv.to_tflite(models, "int8", None)

@@ -59,6 +59,11 @@ def test_convert_int8_with_report(tiny_run, tmp_path, capsys):
     assert r.status == "PASS", r.line()  # the golden output was rewritten with the refitted stage
     json.dumps(m)  # plain JSON all the way down
 
+    # Where its error arises, output by output.
+    assert converter_main(["diagnose", str(run), "--bundle", str(out), "--frames", "30"]) == 0
+    text = capsys.readouterr().out
+    assert "| pose | " in text and "| dec_c_out | " in text
+
 
 def test_convert_errors(tmp_path, capsys):
     assert converter_main(["convert", str(tmp_path / "no-run"), "--out", str(tmp_path / "b")]) == 2

@@ -64,6 +64,25 @@ def test_train_resume_generate(fake_root, tmp_path, monkeypatch):
     assert m3["training"] == m2["training"] and "calibration" in m3
     assert 1.0 <= m3["calibration"]["gain"] <= 3.0
 
+    # Fine-tuning from the run (init_from): it starts from the run's weights with the fitted
+    # output stage off.
+    from trainer.model import build_sequence_model, load_run, output_stage_params
+    from trainer.train import init_weights
+
+    seq, mcfg, _, _ = load_run(run)
+    fresh = build_sequence_model(mcfg, seq.get_layer("feat_norm").get_weights()[0].shape[-1])
+    init_weights(fresh, mcfg, run)
+    w_run, w_new = seq.get_layer("decoder").get_weights(), fresh.get_layer("decoder").get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(w_run, w_new))
+    st_run, st_new = output_stage_params(seq), output_stage_params(fresh)
+    assert (st_new["gain"], st_new["alpha"], st_new["beta"]) == (1.0, 1.0, 0.0) and st_new != st_run
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        init_weights(fresh, mcfg, tmp_path / "nowhere")
+    ft = train(build_config([], SMALL + ["epochs=1", f"init_from={run}", "gif_frames=0"]), tmp_path / "ft",
+               progress=False)
+    assert np.isfinite(ft["val_mean"]["mse"])
+    assert json.loads((tmp_path / "ft" / "train_config.json").read_text())["init_from"] == str(run)
+
     # MSE at equal motion energy: the same fitted output stage for every model; absent runs left out.
     from device.contract import DEFAULT_FEATURES
     from trainer.experiments import matched_energy

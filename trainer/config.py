@@ -84,6 +84,9 @@ class TrainConfig:
     """Early stopping: epochs without a better validation score (counted after annealing)."""
     seed: int = 0
     """Seed of initialisation, chunk offsets and teacher-forcing masks."""
+    init_from: str = ""
+    """A run folder to start from instead of a random initialisation (fine-tuning, e.g. on new
+    dances): its model.weights.h5, the same architecture, its fitted output stage off."""
     threads: int = 2
     """TensorFlow intra-op threads (inter-op is 1); the machine has 2 cores."""
     # --- losses ---

@@ -253,7 +253,7 @@ def load_dance(folder: str | os.PathLike, cfg: FeatureConfig = DEFAULT_FEATURES,
                   features=feats, center=center[:n].astype(np.float32))
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_suffix(".tmp.npz")
+        tmp = cache_path.with_suffix(f".{os.getpid()}.tmp.npz")  # two trainers may fill one cache
         np.savez(tmp, stamp=np.array(stamp), cache_version=np.array(CACHE_VERSION), pcm=pcm, poses=poses,
                  heading=heading, center=dance.center, **_features_to_npz(feats))
         os.replace(tmp, cache_path)

@@ -231,21 +231,22 @@ def selection_score(m: dict) -> float:
 
 
 def fit_output_stage(pairs: list[tuple[np.ndarray, np.ndarray]], mean: np.ndarray, max_gain: float,
-                     smooth: bool = True, gain: bool = True, posture: bool = False, smooth2: bool = False) -> dict:
+                     smooth: bool = True, gain: bool = True, posture: bool = False, smooth2: bool = False,
+                     alphas: tuple | None = None) -> dict:
     """The output stage (one-pole low-pass, then a gain about `mean`) fitted to raw free-running
     poses and their ground truth, pairs of (T, 28). For each low-pass coefficient the reachable
     energy is min(1, e * max_gain, JITTER_CAP * e / j): the gain scales energy e and jitter j alike
     and may raise jitter to JITTER_CAP x ground truth's; with `smooth2` each coefficient is also
-    tried as two poles (alpha2 = alpha). The best wins (ties: the least lag, (1 - a) / a frames per
-    pole), then the gain that brings the joint-speed std to ground truth's
-    within that cap, clipped to [1, max_gain]. With `posture` the gain then centres on a running
+    tried as two poles (alpha2 = alpha); `alphas`: the coefficients tried (default ALPHAS). The
+    best wins (ties: the least lag, (1 - a) / a frames per pole), then the gain that brings the
+    joint-speed std to ground truth's within that cap, clipped to [1, max_gain]. With `posture` the gain then centres on a running
     posture (apply_output_stage): each time constant of POSTURE_TAUS_S (and none) gets its gain
     re-fitted the same way, and the one with the lowest mean pose MSE on these pairs wins; then
     the posture's own gain is the ratio of the spread of the dancers' postures between these
     songs (mean pairwise distance of each song's mean pose) to the spread of the model's, in
     [1, max_gain] (as the motion gain brings the motion's energy to the dancers')."""
     table = []
-    for a in (ALPHAS if smooth else (1.0,)):
+    for a in ((alphas or ALPHAS) if smooth else (1.0,)):
         for a2 in ((1.0, a) if smooth and smooth2 and a < 1.0 else (1.0,)):
             qs = [quick_metrics(apply_output_stage(r, mean, a, 1.0, alpha2=a2), gt, gt.mean(0)) for r, gt in pairs]
             e = float(np.median([q["energy_ratio"] for q in qs]))
@@ -414,6 +415,8 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, train_dances=None,
 
     keras.utils.set_random_seed(cfg.seed)
     model = build_sequence_model(mcfg, norm["n_features"])
+    if cfg.init_from and not resume:
+        init_weights(model, mcfg, cfg.init_from)
     set_normalization(model, norm["feat_mean"], norm["feat_std"], pose_mean)
     n_params = int(model.count_params())
     epochs_total = max(1, cfg.epochs)
@@ -531,6 +534,21 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, train_dances=None,
     metrics = finish(run, cfg, model, mcfg, train_seqs, val_dances, val_seqs, pose_mean, fcfg, history, info)
     log.info("done (%s): best epoch %d, %.0f s", stop_reason, state["best_epoch"], state["train_seconds"])
     return metrics
+
+
+def init_weights(model, mcfg, run_dir) -> None:
+    """Start from a trained run's weights (TrainConfig.init_from) with its output stage off."""
+    path = pathlib.Path(run_dir) / "model.weights.h5"
+    if not path.exists():
+        raise FileNotFoundError(f"TrainConfig.init_from={str(run_dir)!r}: {path} does not exist; "
+                                "give a run folder that holds a trained model")
+    try:
+        model.load_weights(str(path))
+    except ValueError as e:
+        raise ValueError(f"TrainConfig.init_from={str(run_dir)!r}: its weights do not fit this model "
+                         f"(the architecture fields must match the run's model_config.json): {e}") from e
+    reset_output_stage(model, mcfg)
+    log.info("starting from %s", path)
 
 
 def finish(run, cfg, model, mcfg, train_seqs, val_dances, val_seqs, pose_mean, fcfg, history, info) -> dict:
