@@ -139,7 +139,7 @@ class KerasModels:
     source: str = ""
     smoothing: dict | None = None  # the pose tail run on the device (trainer.model.output_stage_params)
     pose_decode: dict | None = None  # the pose read-out of the last to_tflite (fit_pose_decode; None = identity)
-    pose_readout: tuple | None = None  # its weights (W, b) refitted to the int8 graph's own h (fit_pose_readout)
+    pose_readout: dict | None = None  # its weights refitted to the int8 graph's own h (fit_pose_readout)
     _graph_sig: StepSignature | None = dataclasses.field(default=None, repr=False)
 
     def graph_signature(self) -> StepSignature:
@@ -269,16 +269,17 @@ def representative_samples(models: KerasModels, songs: list[np.ndarray], n_sampl
 # TFLite
 
 
-def folded_clone(models: KerasModels, pose_decode: dict | None = None, readout: tuple | None = None):
+def folded_clone(models: KerasModels, pose_decode: dict | None = None, readout: dict | None = None):
     """A copy of the step model with feat_norm folded into the LSTMs (feat_norm = identity) and
     without the pose tail (low-pass, gain, posture, their states): the device runs it in float
     (module doc), so the graph ends at the decoder. Its pose leaves as the linear read-out
     y = (W h + b - offset) / scale (`trainer.model.DecoderCell.pose_out`; `pose_decode`
     {offset, scale}, per coordinate; identity when None) and the device takes tanh(y * scale +
     offset): in int8, tanh's output has a fixed 1/128 grid over [-1, 1] for all 28 coordinates
-    at once, while y gives each coordinate 256 steps over its own range of motion. `readout`
-    (W (units, 29), b (29,)): the pose's and the heading's read-out weights instead
-    (`fit_pose_readout`)."""
+    at once, while y gives each coordinate 256 steps over its own range of motion. The read-out
+    takes [h_t, h_t-1] (the previous frame's h is a state input anyway): weight 0 on h_t-1 here,
+    or `readout` {"pose": (W (2 units, 28), b), "heading": (W (units, 1), b)} from
+    `fit_pose_readout`."""
     from trainer import model as tm
 
     mcfg = dataclasses.replace(models.mcfg, smooth=False, output_gain=False)
@@ -296,12 +297,12 @@ def folded_clone(models: KerasModels, pose_decode: dict | None = None, readout: 
     W, b = (w.astype(np.float64) for w in dec.pose_head.get_weights())
     dc = pose_decode or {"offset": [0.0] * 28, "scale": [1.0] * 28}
     off, sc = np.asarray(dc["offset"], np.float64), np.asarray(dc["scale"], np.float64)
-    if readout is not None:  # (W (units, 29), b (29,)): the pose's read-out, then the heading's
-        W1, b1 = np.asarray(readout[0], np.float32), np.asarray(readout[1], np.float32)
-        dec.pose_out_head.set_weights([W1[:, :28], b1[:28]])
-        dec.heading_head.set_weights([W1[:, 28:], b1[28:]])
-    else:
-        dec.pose_out_head.set_weights([(W / sc).astype(np.float32), ((b - off) / sc).astype(np.float32)])
+    if readout is not None:  # fit_pose_readout's weights
+        dec.pose_out_head.set_weights([np.asarray(w, np.float32) for w in readout["pose"]])
+        dec.heading_head.set_weights([np.asarray(w, np.float32) for w in readout["heading"]])
+    else:  # the float read-out: this frame's h only
+        W2 = np.concatenate([W / sc, np.zeros_like(W)], axis=0)  # rows: h_t, then h_t-1
+        dec.pose_out_head.set_weights([W2.astype(np.float32), ((b - off) / sc).astype(np.float32)])
     return clone
 
 
@@ -345,8 +346,8 @@ def dequantize(v: np.ndarray, detail: dict) -> np.ndarray:
 
 def readout_pairs(models: KerasModels, blob: bytes, samples: list[dict]):
     """Over the samples (inputs on the int8 graph's grids): the graph's own dequantized decoder h
-    (N, units), the float read-outs of the same inputs (N, 29: the pose's 28 then the heading
-    change), and those read-outs' weights W (units, 29), b (29,)."""
+    this frame and the previous one's (its input) (N, 2 units), the float read-outs of the same
+    inputs (N, 29: the pose's 28 then the heading change)."""
     import tensorflow as tf
 
     step = folded_clone(models, models.pose_decode)
@@ -367,32 +368,39 @@ def readout_pairs(models: KerasModels, blob: bytes, samples: list[dict]):
     H, Y = [], []
     for smp in samples:
         feed = {k: quantize_to(smp[k], ind[k]) for k in ind}
-        H.append(dequantize(runner(**feed)[keys["dec_h_out"]], outd[keys["dec_h_out"]])[0])
+        h = dequantize(runner(**feed)[keys["dec_h_out"]], outd[keys["dec_h_out"]])[0]
+        H.append(np.concatenate([h, dequantize(feed["dec_h"], ind["dec_h"])[0]]))
         Y.append(np.asarray(fn({k: dequantize(v, ind[k]) for k, v in feed.items()}))[0])
-    dec = step.get_layer("decoder")
-    (Wp, bp), (Wh, bh) = dec.pose_out_head.get_weights(), dec.heading_head.get_weights()
-    W, b = np.concatenate([Wp, Wh], axis=1).astype(np.float64), np.concatenate([bp, bh]).astype(np.float64)
-    return np.asarray(H, np.float64), np.asarray(Y, np.float64), W, b
+    return np.asarray(H, np.float64), np.asarray(Y, np.float64)
 
 
-def fit_pose_readout(models: KerasModels, blob: bytes, samples: list[dict], ridge: float = READOUT_RIDGE) -> tuple:
-    """The pose read-out y = W h + b (and the heading change's beside it) refitted to what the
-    int8 graph's decoder h really is: the least-squares W, b from the graph's own dequantized h
-    to the float read-out of the same inputs (`readout_pairs`). The int8 h carries rounding noise on every unit (the int8 TANH and
-    LOGISTIC grids, h's own grid) that the float weights, large in directions where h barely
-    varies, turn into frame-to-frame noise of the pose; the refitted weights keep the signal
-    and leave those directions (the least-squares read-out from a noisy input). The heading
-    change is integrated on the device, so its read-out's bias is what turns the figure: the
-    fit's intercept removes it. Returns (W (units, 29), b (29,))."""
-    H, Y, W0, b0 = readout_pairs(models, blob, samples)
-    A = np.concatenate([H, np.ones((len(H), 1))], axis=1)
-    R = ridge * len(H) * np.eye(A.shape[1])
+def _least_squares(X: np.ndarray, Y: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+    """W, b minimising |X W + b - Y|^2 + ridge * N * |W|^2."""
+    A = np.concatenate([X, np.ones((len(X), 1))], axis=1)
+    R = ridge * len(X) * np.eye(A.shape[1])
     R[-1, -1] = 0.0  # no penalty on the bias
     sol = np.linalg.solve(A.T @ A + R, A.T @ Y)
-    log.info("pose read-out refitted to the int8 h on %d samples: error %.3g -> %.3g (y units^2), |W| %.1f -> %.1f",
-             len(H), np.mean((H @ W0 + b0 - Y) ** 2), np.mean((A @ sol - Y) ** 2), np.linalg.norm(W0),
-             np.linalg.norm(sol[:-1]))
     return sol[:-1].astype(np.float32), sol[-1].astype(np.float32)
+
+
+def fit_pose_readout(models: KerasModels, blob: bytes, samples: list[dict], ridge: float = READOUT_RIDGE) -> dict:
+    """The pose read-out refitted to what the int8 graph's decoder h really is: the least-squares
+    y = W [h_t, h_t-1] + b from the graph's own dequantized h, this frame's and the previous
+    one's, to the float read-out of the same inputs (`readout_pairs`). The int8 h carries
+    rounding noise on every unit (the int8 TANH and LOGISTIC grids, h's own grid) that the float
+    weights, large in directions where h barely varies, turn into frame-to-frame noise of the
+    pose; the fit keeps the signal and leaves those directions, and the previous frame's h, whose
+    noise is its own, averages it down. The heading change's read-out gets the same fit from h_t
+    (it is integrated on the device, so its bias is what turns the figure: the intercept
+    removes it). Returns {"pose": (W (2 units, 28), b), "heading": (W (units, 1), b)}."""
+    X, Y = readout_pairs(models, blob, samples)
+    units = X.shape[1] // 2
+    pose, heading = _least_squares(X, Y[:, :28], ridge), _least_squares(X[:, :units], Y[:, 28:], ridge)
+    dec = folded_clone(models, models.pose_decode).get_layer("decoder")
+    W0, b0 = dec.pose_out_head.get_weights()
+    log.info("pose read-out refitted to the int8 h on %d samples: error %.3g -> %.3g (y units^2)", len(X),
+             np.mean((X @ W0 + b0 - Y[:, :28]) ** 2), np.mean((X @ pose[0] + pose[1] - Y[:, :28]) ** 2))
+    return {"pose": pose, "heading": heading}
 
 
 def _fold_rows(cell, offset: int, mean: np.ndarray, inv_std: np.ndarray) -> None:

@@ -118,22 +118,28 @@ def test_narrowed_cell_states_carry_their_product(models):
 
 
 def test_pose_readout_refitted_to_the_int8_h(models):
-    """int8: the pose and heading read-outs' weights are refitted (least squares) from the graph's own noisy
-    decoder h to the float read-out: on those samples its error is lower than the float
-    weights' (which are one candidate of the fit), and the graph converted again carries them."""
+    """int8: the pose read-out's weights are refitted (least squares) from the graph's own noisy
+    decoder h, this frame's and the previous one's, to the float read-out: on those samples its
+    error is lower than the float weights' (which are one candidate of the fit: h_t alone), and
+    the graph converted again carries them; the heading's read-out is refitted from h_t."""
     samples = cv.representative_samples(models, [cb.synthetic_features(300, F, seed=12)], n_samples=300)
     blob0 = cv.to_tflite(models, "int8", samples, refit_readout=False)
     assert models.pose_readout is None
-    H, Y, W0, b0 = cv.readout_pairs(models, blob0, samples)
-    assert H.shape == (len(samples), models.mcfg.dec_units) and Y.shape == (len(samples), 29)  # pose, heading
-    W, b = cv.fit_pose_readout(models, blob0, samples)
-    before, after = np.mean((H @ W0 + b0 - Y) ** 2), np.mean((H @ W + b - Y) ** 2)
+    X, Y = cv.readout_pairs(models, blob0, samples)
+    units = models.mcfg.dec_units
+    assert X.shape == (len(samples), 2 * units) and Y.shape == (len(samples), 29)  # [h_t, h_t-1]; pose, heading
+    W0, b0 = cv.folded_clone(models, models.pose_decode).get_layer("decoder").pose_out_head.get_weights()
+    assert W0.shape == (2 * units, 28) and not W0[units:].any()  # the float read-out: h_t only
+    fit = cv.fit_pose_readout(models, blob0, samples)
+    W, b = fit["pose"]
+    before, after = np.mean((X @ W0 + b0 - Y[:, :28]) ** 2), np.mean((X @ W + b - Y[:, :28]) ** 2)
     assert after < before, (after, before)
+    assert fit["heading"][0].shape == (units, 1)
     blob1 = cv.to_tflite(models, "int8", samples)
-    np.testing.assert_allclose(models.pose_readout[0], W, rtol=1e-3, atol=1e-5)  # the same fit, kept on models
+    np.testing.assert_allclose(models.pose_readout["pose"][0], W, rtol=1e-3, atol=1e-5)  # the same fit, kept
     dec = cv.folded_clone(models, models.pose_decode, models.pose_readout).get_layer("decoder")
-    np.testing.assert_allclose(dec.pose_out_head.get_weights()[0], models.pose_readout[0][:, :28])
-    np.testing.assert_allclose(dec.heading_head.get_weights()[1], models.pose_readout[1][28:])
+    np.testing.assert_allclose(dec.pose_out_head.get_weights()[0], models.pose_readout["pose"][0])
+    np.testing.assert_allclose(dec.heading_head.get_weights()[1], models.pose_readout["heading"][1])
     assert blob1 != blob0
 
 

@@ -212,9 +212,10 @@ def _layers():
             self.units, self.music_dims, self.feedback = units, music_dims, feedback
             self.free_running = free_running  # step model: input is [music, noise] only, prev = own
             # Step model for int8 only (converter.convert.folded_clone): the pose leaves as a linear
-            # read-out of h, (W h + b - offset) / scale per coordinate (weights set by the
-            # converter), the device applying tanh(y * scale + offset); pose and heading come
-            # out as two tensors. The fed-back pose is unchanged.
+            # read-out of this frame's and the previous frame's h, [h_t, h_t-1] (weights set by
+            # the converter: (W h_t + b - offset) / scale per coordinate, or a fit to the int8
+            # graph's noisy h), the device applying tanh(y * scale + offset); pose and heading
+            # come out as two tensors. The fed-back pose is unchanged.
             self.pose_out = bool(pose_out)
             self.noise_dims, self.dropout = noise_dims, dropout
             self.lstm = layers.LSTMCell(units, name="dec_lstm")
@@ -233,7 +234,7 @@ def _layers():
             self.pose_head.build((None, self.units))
             self.heading_head.build((None, self.units))
             if self.pose_out:
-                self.pose_out_head.build((None, self.units))
+                self.pose_out_head.build((None, 2 * self.units))
             self.built = True
 
         def call(self, inputs, states, training=False):
@@ -263,7 +264,8 @@ def _layers():
             pose = self.pose_head(out)
             dh = self.heading_head(out)
             if self.pose_out:
-                return (self.pose_out_head(out), dh), [h2, c2, pose - self.pose_mean]
+                y = self.pose_out_head(ops.concatenate([out, h], axis=-1))
+                return (y, dh), [h2, c2, pose - self.pose_mean]
             return ops.concatenate([pose, dh], axis=-1), [h2, c2, pose - self.pose_mean]
 
         def get_config(self):
