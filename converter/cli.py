@@ -194,7 +194,7 @@ def cmd_diagnose(args) -> int:
     errs = validate.local_errors(args.bundle, models, x)
     print(f"{args.bundle} on {len(x)} frames of {val[0].name}: each output's error made inside the graph in one "
           "frame (the float step model fed the same inputs), in steps of its int8 grid (rounding alone: 0.25 mean)")
-    print(f"| output | step | mean | max |\n| --- | --- | --- | --- |")
+    print("| output | step | mean | max |\n| --- | --- | --- | --- |")
     for name, e in errs.items():
         unit = f"{e['scale']:.3g}" if e["scale"] else "float (absolute)"
         print(f"| {name} | {unit} | {e['mean']:.2f} | {e['max']:.1f} |")

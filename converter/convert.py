@@ -41,6 +41,7 @@ Two decisions shape the converted graph:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import pathlib
@@ -347,7 +348,8 @@ def dequantize(v: np.ndarray, detail: dict) -> np.ndarray:
 def readout_pairs(models: KerasModels, blob: bytes, samples: list[dict]):
     """Over the samples (inputs on the int8 graph's grids): the graph's own dequantized decoder h
     this frame and the previous one's (its input) (N, 2 units), the float read-outs of the same
-    inputs (N, 29: the pose's 28 then the heading change)."""
+    inputs (N, 29: the pose's 28 then the heading change), and the float pose read-out's
+    weights (W (2 units, 28), b)."""
     import tensorflow as tf
 
     step = folded_clone(models, models.pose_decode)
@@ -371,7 +373,7 @@ def readout_pairs(models: KerasModels, blob: bytes, samples: list[dict]):
         h = dequantize(runner(**feed)[keys["dec_h_out"]], outd[keys["dec_h_out"]])[0]
         H.append(np.concatenate([h, dequantize(feed["dec_h"], ind["dec_h"])[0]]))
         Y.append(np.asarray(fn({k: dequantize(v, ind[k]) for k, v in feed.items()}))[0])
-    return np.asarray(H, np.float64), np.asarray(Y, np.float64)
+    return np.asarray(H, np.float64), np.asarray(Y, np.float64), step.get_layer("decoder").pose_out_head.get_weights()
 
 
 def _least_squares(X: np.ndarray, Y: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
@@ -393,11 +395,9 @@ def fit_pose_readout(models: KerasModels, blob: bytes, samples: list[dict], ridg
     noise is its own, averages it down. The heading change's read-out gets the same fit from h_t
     (it is integrated on the device, so its bias is what turns the figure: the intercept
     removes it). Returns {"pose": (W (2 units, 28), b), "heading": (W (units, 1), b)}."""
-    X, Y = readout_pairs(models, blob, samples)
+    X, Y, (W0, b0) = readout_pairs(models, blob, samples)
     units = X.shape[1] // 2
     pose, heading = _least_squares(X, Y[:, :28], ridge), _least_squares(X[:, :units], Y[:, 28:], ridge)
-    dec = folded_clone(models, models.pose_decode).get_layer("decoder")
-    W0, b0 = dec.pose_out_head.get_weights()
     log.info("pose read-out refitted to the int8 h on %d samples: error %.3g -> %.3g (y units^2)", len(X),
              np.mean((X @ W0 + b0 - Y[:, :28]) ** 2), np.mean((X @ pose[0] + pose[1] - Y[:, :28]) ** 2))
     return {"pose": pose, "heading": heading}
@@ -448,13 +448,17 @@ def _retune_quantization(blob: bytes, plan) -> bytes:
 RESCALE_SAFE_OPS = ("FULLY_CONNECTED", "MUL", "ADD", "SUB", "TANH", "LOGISTIC")
 
 
-def _op_name(model, op) -> str:
-    """The builtin operator's name of a flatbuffer op (FULLY_CONNECTED, ADD, ...)."""
+@functools.cache
+def _builtin_names() -> dict[int, str]:
     from tensorflow.lite.python import schema_py_generated as schema
 
+    return {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+
+
+def _op_name(model, op) -> str:
+    """The builtin operator's name of a flatbuffer op (FULLY_CONNECTED, ADD, ...)."""
     code = model.operatorCodes[op.opcodeIndex]
-    number = max(code.builtinCode, code.deprecatedBuiltinCode)
-    return next((k for k, v in vars(schema.BuiltinOperator).items() if v == number and not k.startswith("_")), "?")
+    return _builtin_names().get(max(code.builtinCode, code.deprecatedBuiltinCode), "?")
 
 
 def _consumers(model, sg) -> dict[int, set[str]]:
@@ -532,11 +536,10 @@ STATE_RANGE_PERCENTILE = 99.0
 STATE_RANGE_MIN_GAIN = 1.2
 
 
-def _carried_products(model, sg, i_idx: int, o_idx: int, consumers: dict) -> list[int]:
+def _carried_products(model, i_idx: int, o_idx: int, consumers: dict, producers: dict) -> list[int]:
     """The products that carry a state into its own update: for an LSTM cell state, f * c in
     c' = f * c + i * g (an ADD whose operand is a MUL that reads the state input), when read by
-    that ADD only."""
-    producers = _producers(model, sg)
+    that ADD only (`_consumers`, `_producers` of the subgraph)."""
     add = producers.get(o_idx)
     if add is None or _op_name(model, add) != "ADD":
         return []
@@ -559,7 +562,7 @@ def narrow_state_ranges(blob: bytes, sig: StepSignature, samples: list[dict], pc
     keys = {name: key for key, name in output_names(sig).items()}
 
     def plan(model, sg, inputs, outputs):
-        consumers = _consumers(model, sg)
+        consumers, producers = _consumers(model, sg), _producers(model, sg)
         out = {}
         for a, b in sig.states:
             i_idx, o_idx = inputs[a], outputs[keys[b]]
@@ -577,7 +580,7 @@ def narrow_state_ranges(blob: bytes, sig: StepSignature, samples: list[dict], pc
             zp = int(np.clip(np.rint(-128 - lo / scale), -128, 127))
             log.info("state %s: int8 range [%.3g, %.3g] -> [%.3g, %.3g]", a, lo_c, hi_c, lo, hi)
             out[i_idx] = out[o_idx] = (scale, zp)
-            for t in _carried_products(model, sg, i_idx, o_idx, consumers) if carry_products else ():
+            for t in _carried_products(model, i_idx, o_idx, consumers, producers) if carry_products else ():
                 log.info("state %s: its carried product %s on the state's grid", a, sg.tensors[t].name.decode())
                 out[t] = (scale, zp)
         return out

@@ -118,23 +118,22 @@ def local_errors(bundle_dir, models: cv.KerasModels, x: np.ndarray) -> dict[str,
     names = cv.output_names(sig)  # signature key -> our name
     keys = {n: k for k, n in names.items()}
 
-    quant, deq = cv.quantize_to, cv.dequantize  # real values <-> the graph's integers
-    states = {a: quant(np.zeros(ind[a]["shape"], np.float32), ind[a]) for a, _ in sig.states}
+    states = {a: cv.quantize_to(np.zeros(ind[a]["shape"], np.float32), ind[a]) for a, _ in sig.states}
     sums = {n: [0.0, 0.0] for n in names.values()}
     for t in range(len(x)):
-        feed = {cv.FEATURE_INPUT: quant(x[t : t + 1].astype(np.float32), ind[cv.FEATURE_INPUT]), **states}
+        feed = {cv.FEATURE_INPUT: cv.quantize_to(x[t : t + 1].astype(np.float32), ind[cv.FEATURE_INPUT]), **states}
         if sig.noise_dims:  # a model with a noise input: diagnosed at zero noise
-            feed[cv.NOISE_INPUT] = quant(np.zeros((1, sig.noise_dims), np.float32), ind[cv.NOISE_INPUT])
+            feed[cv.NOISE_INPUT] = cv.quantize_to(np.zeros((1, sig.noise_dims), np.float32), ind[cv.NOISE_INPUT])
         out = runner(**feed)
-        ref = fn({k: deq(v, ind[k]) for k, v in feed.items()})
+        ref = fn({k: cv.dequantize(v, ind[k]) for k, v in feed.items()})
         for key, name in names.items():
             s = outd[key]["quantization"][0]
-            e = np.abs(deq(out[key], outd[key]) - np.asarray(ref[name])) / (s or 1.0)
+            e = np.abs(cv.dequantize(out[key], outd[key]) - np.asarray(ref[name])) / (s or 1.0)
             sums[name][0] += float(e.mean())
             sums[name][1] = max(sums[name][1], float(e.max()))
         for a, o in sig.states:  # fed back as the device does: tied states as they are
             v, d = out[keys[o]], outd[keys[o]]
-            states[a] = v if d["quantization"] == ind[a]["quantization"] else quant(deq(v, d), ind[a])
+            states[a] = v if d["quantization"] == ind[a]["quantization"] else cv.quantize_to(cv.dequantize(v, d), ind[a])
     return {n: {"mean": m / max(len(x), 1), "max": mx, "scale": outd[keys[n]]["quantization"][0]}
             for n, (m, mx) in sums.items()}
 

@@ -106,7 +106,7 @@ def test_narrowed_cell_states_carry_their_product(models):
         res = {}
         for state in ("enc_c_0", "dec_c"):
             o = outs[keys[state + "_out"]]
-            prods = cv._carried_products(m, sg, ins[state], o, cv._consumers(m, sg))
+            prods = cv._carried_products(m, ins[state], o, cv._consumers(m, sg), cv._producers(m, sg))
             assert len(prods) == 1, (state, prods)  # exactly f * c
             q = lambda i: (sg.tensors[i].quantization.scale[0], sg.tensors[i].quantization.zeroPoint[0])
             res[state] = (q(o), q(prods[0]))
@@ -125,10 +125,9 @@ def test_pose_readout_refitted_to_the_int8_h(models):
     samples = cv.representative_samples(models, [cb.synthetic_features(300, F, seed=12)], n_samples=300)
     blob0 = cv.to_tflite(models, "int8", samples, refit_readout=False)
     assert models.pose_readout is None
-    X, Y = cv.readout_pairs(models, blob0, samples)
+    X, Y, (W0, b0) = cv.readout_pairs(models, blob0, samples)
     units = models.mcfg.dec_units
     assert X.shape == (len(samples), 2 * units) and Y.shape == (len(samples), 29)  # [h_t, h_t-1]; pose, heading
-    W0, b0 = cv.folded_clone(models, models.pose_decode).get_layer("decoder").pose_out_head.get_weights()
     assert W0.shape == (2 * units, 28) and not W0[units:].any()  # the float read-out: h_t only
     fit = cv.fit_pose_readout(models, blob0, samples)
     W, b = fit["pose"]

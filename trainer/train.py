@@ -239,8 +239,8 @@ def fit_output_stage(pairs: list[tuple[np.ndarray, np.ndarray]], mean: np.ndarra
     and may raise jitter to JITTER_CAP x ground truth's; with `smooth2` each coefficient is also
     tried as two poles (alpha2 = alpha); `alphas`: the coefficients tried (default ALPHAS). The
     best wins (ties: the least lag, (1 - a) / a frames per pole), then the gain that brings the
-    joint-speed std to ground truth's within that cap, clipped to [1, max_gain]. With `posture` the gain then centres on a running
-    posture (apply_output_stage): each time constant of POSTURE_TAUS_S (and none) gets its gain
+    joint-speed std to ground truth's within that cap, clipped to [1, max_gain]. With `posture`
+    the gain then centres on a running posture (apply_output_stage): each time constant of POSTURE_TAUS_S (and none) gets its gain
     re-fitted the same way, and the one with the lowest mean pose MSE on these pairs wins; then
     the posture's own gain is the ratio of the spread of the dancers' postures between these
     songs (mean pairwise distance of each song's mean pose) to the spread of the model's, in
