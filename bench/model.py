@@ -131,8 +131,10 @@ def main(argv: list[str] | None = None) -> str:
         f"The step around the invoke ({1000 * (np.median(t_int8) - np.median(t_invoke)):.0f} µs here) works on numpy views of "
         "the interpreter's own buffers, made once: the features are quantized into the input buffer, each state output "
         "is copied (or mapped through its table) straight into its input buffer after the invoke, every constant is a "
-        "float32 array (numpy's array-array loops cost half a scalar operand's), no arrays or dicts are built per frame; "
-        "`tests/test_bundle_step.py` checks it gives the same bits as plain `set_tensor`/`get_tensor` copies.",
+        "float32 array (numpy's array-array loops cost half a scalar operand's), no arrays or dicts are built per frame, "
+        "and the output tail (low-pass, second pole, posture, gain) is one small matmul; `tests/test_bundle_step.py` "
+        "checks it gives the same states and heading bits as plain `set_tensor`/`get_tensor` copies and a tail written "
+        "out pole by pole, and the same pose to float32 rounding.",
     ]
     md = "\n".join(lines) + "\n"
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -58,15 +58,14 @@ def _max_gain(run) -> float:
     return float(json.loads(p.read_text()).get("max_gain", TrainConfig.max_gain)) if p.exists() else TrainConfig.max_gain
 
 
-READOUT_SAMPLES_FACTOR = 6  # the int8 pose read-out is refitted on 6x the calibration samples
+def _samples(models, train, args) -> list[dict]:
+    """Calibration samples: one run of the float step model over the training songs' first frames."""
+    return cv.representative_samples(models, [d.features.x[: args.calib_frames] for d in train], n_samples=args.samples)
 
 
-def _samples(models, train, args) -> tuple[list[dict], list[dict]]:
-    """(calibration samples, the larger set the int8 pose read-out is refitted on): one run of
-    the float step model over the training songs' first frames, every 6th sample calibrates."""
-    songs = [d.features.x[: args.calib_frames] for d in train]
-    every = cv.representative_samples(models, songs, n_samples=args.samples * READOUT_SAMPLES_FACTOR)
-    return every[::READOUT_SAMPLES_FACTOR], every
+def _readout_songs(train, args) -> list:
+    """What the int8 pose read-out is refitted on: the training songs' first frames."""
+    return [d.features.x[: args.readout_frames] for d in train]
 
 
 def _validate(models, bundle_dir, val, ref, kf, mode, float_size):
@@ -82,8 +81,8 @@ def cmd_convert(args) -> int:
     from converter import bundle, validate
 
     models, train, val, diff = _prepare(args)
-    samples, readout = _samples(models, train, args) if args.quantize in ("int8", "int16x8") else (None, None)
-    blob = cv.to_tflite(models, args.quantize, samples, readout_samples=readout)
+    samples = _samples(models, train, args) if args.quantize in ("int8", "int16x8") else None
+    blob = cv.to_tflite(models, args.quantize, samples, readout_songs=_readout_songs(train, args))
     training = _training_summary(args.run, train, val, diff)
     out = bundle.write_bundle(args.out, blob, models, args.quantize, training=training)
     print(f"wrote {out}: {args.quantize}, {len(blob)} bytes")
@@ -107,7 +106,7 @@ def cmd_report(args) -> int:
     from converter import bundle, validate
 
     models, train, val, diff = _prepare(args)
-    samples, readout = _samples(models, train, args)
+    samples, songs = _samples(models, train, args), _readout_songs(train, args)
     ref = validate.keras_reference(models, val)
     kf = validate.keras_float_metrics(val, ref)
     root = pathlib.Path(args.bundles) if args.bundles else pathlib.Path(tempfile.mkdtemp(prefix="edgedance-report-"))
@@ -119,8 +118,9 @@ def cmd_report(args) -> int:
     variants.append(("int8, Keras output stage", "int8", {"keep_output_stage": True}))  # the refit's
     variants.append(("int8, Keras read-out weights", "int8", {"refit_readout": False}))  # the read-out refit's
     variants.append(("int8, f*c not carried", "int8", {"carry_products": False}))  # f * c on its min/max grid
+    variants.append(("int8, pose output calibrated", "int8", {"pin_pose": False}))  # y on its min/max grid
     for label, mode, kw in variants:
-        blob = cv.to_tflite(models, mode, samples if mode in ("int8", "int16x8") else None, readout_samples=readout,
+        blob = cv.to_tflite(models, mode, samples if mode in ("int8", "int16x8") else None, readout_songs=songs,
                             **{k: v for k, v in kw.items() if k != "keep_output_stage"})
         if mode == "float":
             float_size = len(blob)
@@ -222,6 +222,9 @@ def _common(p):
     p.add_argument("--samples", type=int, default=500, help="calibration samples for int8/int16x8 (default 500)")
     p.add_argument("--calib-frames", type=int, default=600,
                    help="frames per training song the calibration run steps through (default 600)")
+    p.add_argument("--readout-frames", type=int, default=1500,
+                   help="frames per training song the int8 pose read-out is refitted on, the int8 graph and "
+                        "the float model each running free (default 1500)")
 
 
 

@@ -140,7 +140,7 @@ class KerasModels:
     source: str = ""
     smoothing: dict | None = None  # the pose tail run on the device (trainer.model.output_stage_params)
     pose_decode: dict | None = None  # the pose read-out of the last to_tflite (fit_pose_decode; None = identity)
-    pose_readout: dict | None = None  # its weights refitted to the int8 graph's own h (fit_pose_readout)
+    pose_readout: dict | None = None  # its weights refitted to the int8 graph's own decoder (fit_pose_readout)
     _graph_sig: StepSignature | None = dataclasses.field(default=None, repr=False)
 
     def graph_signature(self) -> StepSignature:
@@ -274,12 +274,13 @@ def folded_clone(models: KerasModels, pose_decode: dict | None = None, readout: 
     """A copy of the step model with feat_norm folded into the LSTMs (feat_norm = identity) and
     without the pose tail (low-pass, gain, posture, their states): the device runs it in float
     (module doc), so the graph ends at the decoder. Its pose leaves as the linear read-out
-    y = (W h + b - offset) / scale (`trainer.model.DecoderCell.pose_out`; `pose_decode`
+    y = (W h + b - offset) / scale (`trainer.model.build_step_model(pose_out=True)`; `pose_decode`
     {offset, scale}, per coordinate; identity when None) and the device takes tanh(y * scale +
     offset): in int8, tanh's output has a fixed 1/128 grid over [-1, 1] for all 28 coordinates
     at once, while y gives each coordinate 256 steps over its own range of motion. The read-out
-    takes [h_t, h_t-1] (the previous frame's h is a state input anyway): weight 0 on h_t-1 here,
-    or `readout` {"pose": (W (2 units, 28), b), "heading": (W (units, 1), b)} from
+    takes [h_t, h_t-1, tanh(c_t), x] (the previous frame's h is a state input anyway, tanh(c_t)
+    the LSTM computes anyway, x the frame's features): weight 0 on all but h_t here, or
+    `readout` {"pose": (W (3 units + F, 28), b), "heading": (W (units, 1), b)} from
     `fit_pose_readout`."""
     from trainer import model as tm
 
@@ -294,16 +295,16 @@ def folded_clone(models: KerasModels, pose_decode: dict | None = None, readout: 
     if getattr(mcfg, "skip_features", False):  # the decoder also sees the normalised features
         offset = mcfg.units * (1 + bool(mcfg.attention))  # decoder input: [h, ctx, xn, prev pose]
         _fold_rows(clone.get_layer("decoder").lstm, offset, m, s)
-    dec = clone.get_layer("decoder")
+    dec, head = clone.get_layer("decoder"), clone.get_layer("dec_pose_out")
     W, b = (w.astype(np.float64) for w in dec.pose_head.get_weights())
     dc = pose_decode or {"offset": [0.0] * 28, "scale": [1.0] * 28}
     off, sc = np.asarray(dc["offset"], np.float64), np.asarray(dc["scale"], np.float64)
     if readout is not None:  # fit_pose_readout's weights
-        dec.pose_out_head.set_weights([np.asarray(w, np.float32) for w in readout["pose"]])
+        head.set_weights([np.asarray(w, np.float32) for w in readout["pose"]])
         dec.heading_head.set_weights([np.asarray(w, np.float32) for w in readout["heading"]])
     else:  # the float read-out: this frame's h only
-        W2 = np.concatenate([W / sc, np.zeros_like(W)], axis=0)  # rows: h_t, then h_t-1
-        dec.pose_out_head.set_weights([W2.astype(np.float32), ((b - off) / sc).astype(np.float32)])
+        rest = np.zeros((head.get_weights()[0].shape[0] - W.shape[0], W.shape[1]))  # h_t-1, tanh(c_t), x
+        head.set_weights([np.concatenate([W / sc, rest]).astype(np.float32), ((b - off) / sc).astype(np.float32)])
     return clone
 
 
@@ -326,7 +327,7 @@ def fit_pose_decode(models: KerasModels, samples: list[dict], pct: float = POSE_
             "note": "pose = tanh(y * scale + offset), y the dequantized pose output"}
 
 
-READOUT_RIDGE = 1e-6  # the read-out refit's ridge, per sample: a guard, far below the int8 noise
+READOUT_RIDGE = 1e-5  # the read-out fit's ridge, per frame (error on held-out songs: 1e-6 0.00058, 1e-5 0.00059, 1e-4 0.00064)
 
 
 def quantize_to(v, detail: dict) -> np.ndarray:
@@ -345,35 +346,56 @@ def dequantize(v: np.ndarray, detail: dict) -> np.ndarray:
     return (v.astype(np.float32) - z) * s_ if s_ else v.astype(np.float32)
 
 
-def readout_pairs(models: KerasModels, blob: bytes, samples: list[dict]):
-    """Over the samples (inputs on the int8 graph's grids): the graph's own dequantized decoder h
-    this frame and the previous one's (its input) (N, 2 units), the float read-outs of the same
-    inputs (N, 29: the pose's 28 then the heading change), and the float pose read-out's
-    weights (W (2 units, 28), b)."""
+def readout_trajectories(models: KerasModels, blob: bytes, songs: list[np.ndarray]):
+    """Each song (T, F) run free: the int8 graph `blob` on its own states, fed back as the device
+    does, and the float step model on its own. Per frame what the graph's pose read-out reads,
+    dequantized: [h_t, h_t-1, tanh(c_t), x] (N, 3 units + F; tanh(c_t) on the int8 TANH's 1/128
+    grid, x on the input's), the float model's read-outs (N, 29: the pose's 28 then the heading
+    change), and the float pose read-out's weights (W (3 units + F, 28), b). The read-out feeds
+    nothing back (the fed-back pose is the tanh head's): these are what the graph holds
+    whatever its read-out weights."""
     import tensorflow as tf
 
     step = folded_clone(models, models.pose_decode)
     sig = describe(step)
     keys = {name: key for key, name in output_names(sig).items()}
-    if "dec_h_out" not in keys:
-        raise ConversionError("fit_pose_readout: the step model has no decoder state dec_h")
+    if not {"dec_h_out", "dec_c_out"} <= set(keys):
+        raise ConversionError("fit_pose_readout: the step model has no decoder states dec_h, dec_c")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # tf.lite.Interpreter's deprecation notice
         runner = tf.lite.Interpreter(model_content=blob).get_signature_runner()
     ind, outd = runner.get_input_details(), runner.get_output_details()
+    fn = tf.function(lambda feed: step(feed, training=False), reduce_retracing=True)
+    extra = {NOISE_INPUT: np.zeros((1, sig.noise_dims), np.float32)} if sig.noise_dims else {}  # at zero noise
+    X, Y = [], []
+    for x in songs:
+        q = {a: quantize_to(np.zeros(ind[a]["shape"], np.float32), ind[a]) for a, _ in sig.states}
+        f = {a: np.zeros(ind[a]["shape"], np.float32) for a, _ in sig.states}
+        for t in range(len(x)):
+            xt = np.asarray(x[t : t + 1], np.float32)
+            xq = quantize_to(xt, ind[FEATURE_INPUT])
+            out = runner(**{FEATURE_INPUT: xq, **q, **{k: quantize_to(v, ind[k]) for k, v in extra.items()}})
+            c = dequantize(out[keys["dec_c_out"]], outd[keys["dec_c_out"]])[0]
+            X.append(np.concatenate([dequantize(out[keys["dec_h_out"]], outd[keys["dec_h_out"]])[0],
+                                     dequantize(q["dec_h"], ind["dec_h"])[0],
+                                     np.clip(np.round(np.tanh(c) * 128), -128, 127) / 128,
+                                     dequantize(xq, ind[FEATURE_INPUT])[0]]))
+            q = fed_back(sig, keys, out, ind, outd)
+            ref = fn({FEATURE_INPUT: xt, **f, **extra})
+            Y.append(np.concatenate([np.asarray(ref[POSE_OUTPUT])[0], np.asarray(ref[HEADING_OUTPUT])[0]]))
+            f = {a: np.asarray(ref[b]) for a, b in sig.states}
+    return np.asarray(X, np.float64), np.asarray(Y, np.float64), step.get_layer("dec_pose_out").get_weights()
 
-    def both(feed):
-        out = step(feed, training=False)
-        return tf.concat([out[POSE_OUTPUT], out[HEADING_OUTPUT]], axis=-1)
 
-    fn = tf.function(both)
-    H, Y = [], []
-    for smp in samples:
-        feed = {k: quantize_to(smp[k], ind[k]) for k in ind}
-        h = dequantize(runner(**feed)[keys["dec_h_out"]], outd[keys["dec_h_out"]])[0]
-        H.append(np.concatenate([h, dequantize(feed["dec_h"], ind["dec_h"])[0]]))
-        Y.append(np.asarray(fn({k: dequantize(v, ind[k]) for k, v in feed.items()}))[0])
-    return np.asarray(H, np.float64), np.asarray(Y, np.float64), step.get_layer("decoder").pose_out_head.get_weights()
+def fed_back(sig: StepSignature, keys: dict, out: dict, ind: dict, outd: dict) -> dict:
+    """A TFLite step's state outputs as its next state inputs, as the device feeds them back:
+    a tied state's integers as they are, another re-quantized onto its input's grid. `keys`:
+    our output name -> signature key; `ind`, `outd`: the runner's input and output details."""
+    nxt = {}
+    for a, o in sig.states:
+        v, d = out[keys[o]], outd[keys[o]]
+        nxt[a] = v if d["quantization"] == ind[a]["quantization"] else quantize_to(dequantize(v, d), ind[a])
+    return nxt
 
 
 def _least_squares(X: np.ndarray, Y: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
@@ -385,21 +407,25 @@ def _least_squares(X: np.ndarray, Y: np.ndarray, ridge: float) -> tuple[np.ndarr
     return sol[:-1].astype(np.float32), sol[-1].astype(np.float32)
 
 
-def fit_pose_readout(models: KerasModels, blob: bytes, samples: list[dict], ridge: float = READOUT_RIDGE) -> dict:
-    """The pose read-out refitted to what the int8 graph's decoder h really is: the least-squares
-    y = W [h_t, h_t-1] + b from the graph's own dequantized h, this frame's and the previous
-    one's, to the float read-out of the same inputs (`readout_pairs`). The int8 h carries
-    rounding noise on every unit (the int8 TANH and LOGISTIC grids, h's own grid) that the float
-    weights, large in directions where h barely varies, turn into frame-to-frame noise of the
-    pose; the fit keeps the signal and leaves those directions, and the previous frame's h, whose
-    noise is its own, averages it down. The heading change's read-out gets the same fit from h_t
-    (it is integrated on the device, so its bias is what turns the figure: the intercept
-    removes it). Returns {"pose": (W (2 units, 28), b), "heading": (W (units, 1), b)}."""
-    X, Y, (W0, b0) = readout_pairs(models, blob, samples)
-    units = X.shape[1] // 2
+def fit_pose_readout(models: KerasModels, blob: bytes, songs: list[np.ndarray], ridge: float = READOUT_RIDGE) -> dict:
+    """The pose read-out refitted to what the int8 graph really holds when it runs free: the
+    least-squares y = W [h_t, h_t-1, tanh(c_t), x] + b from the graph's own dequantized decoder
+    and the frame's features to what the float model reads out running free itself over the same
+    songs (`readout_trajectories`). The int8 h carries rounding noise on every unit (the int8
+    TANH and LOGISTIC grids, h's own grid) that the float weights, large in directions where h
+    barely varies, turn into frame-to-frame noise of the pose; and over a song the int8 states
+    drift from the float model's, and with them the timing of the moves. The fit keeps the
+    signal, averages the noise over two frames, reads the float model's pose from where the int8
+    decoder really is (tanh(c_t) holds what the rounded h loses) and takes the beat's timing
+    from the features themselves, which are exact. The heading change's read-out gets the same
+    fit from h_t (it is integrated on the device, so its bias is what turns the figure).
+    Returns {"pose": (W (3 units + F, 28), b), "heading": (W (units, 1), b)}."""
+    X, Y, (W0, b0) = readout_trajectories(models, blob, songs)
+    units = models.mcfg.dec_units
     pose, heading = _least_squares(X, Y[:, :28], ridge), _least_squares(X[:, :units], Y[:, 28:], ridge)
-    log.info("pose read-out refitted to the int8 h on %d samples: error %.3g -> %.3g (y units^2)", len(X),
-             np.mean((X @ W0 + b0 - Y[:, :28]) ** 2), np.mean((X @ pose[0] + pose[1] - Y[:, :28]) ** 2))
+    log.info("pose read-out refitted to the int8 graph over %d frames of %d songs run free: error %.3g -> %.3g "
+             "(y units^2)", len(X), len(songs), np.mean((X @ W0 + b0 - Y[:, :28]) ** 2),
+             np.mean((X @ pose[0] + pose[1] - Y[:, :28]) ** 2))
     return {"pose": pose, "heading": heading}
 
 
@@ -492,6 +518,28 @@ def fix_input_quantization(blob: bytes, input_name: str = FEATURE_INPUT, scale: 
             log.info("input %s enters a concatenation: keeping its calibrated quantization", input_name)
             return {}
         return {inputs[input_name]: (scale, zero_point)}
+    return _retune_quantization(blob, plan)
+
+
+POSE_OUTPUT_SCALE = 1.0 / 127  # the int8 pose read-out's grid: y in [-1, 1] (fit_pose_decode's range)
+
+
+def pin_pose_output(blob: bytes, sig: StepSignature, scale: float = POSE_OUTPUT_SCALE) -> bytes:
+    """Pin the int8 pose read-out's quantization to [-1, 1] (scale 1/127, zero point 0), the range
+    `fit_pose_decode` maps the 99.9th percentile of each coordinate's motion to. Calibrated on
+    min/max it spans the tails (about +-1.5): a 1.5x coarser grid, whose rounding, white noise
+    every frame, is jitter the output gain amplifies. The rare y past +-1 saturate. Exact: the
+    op making y (the read-out's FULLY_CONNECTED) rescales onto its output's grid, and nothing in
+    the graph reads y."""
+    key = {name: key for key, name in output_names(sig).items()}[POSE_OUTPUT]
+
+    def plan(model, sg, inputs, outputs):
+        idx = outputs[key]
+        maker = _producers(model, sg).get(idx)
+        if maker is None or _op_name(model, maker) not in RESCALE_SAFE_OPS or idx in _consumers(model, sg):
+            log.info("pose output: kept its calibrated quantization (not made by a rescaling op, or read in the graph)")
+            return {}
+        return {idx: (scale, 0)}
     return _retune_quantization(blob, plan)
 
 
@@ -588,11 +636,12 @@ def narrow_state_ranges(blob: bytes, sig: StepSignature, samples: list[dict], pc
 
 
 def to_tflite(models: KerasModels, mode: str, samples: list[dict] | None = None, fixed_input: bool = True,
-              tie_states: bool = True, narrow_states: bool = True, readout_samples: list[dict] | None = None,
-              refit_readout: bool = True, carry_products: bool = True) -> bytes:
-    """Convert the step model (normalisation folded in) to a TFLite flatbuffer. int8: then the
-    pose read-out refitted to the converted graph's own h (`fit_pose_readout`, on
-    `readout_samples`, else `samples`) and converted again with it."""
+              tie_states: bool = True, narrow_states: bool = True, readout_songs: list[np.ndarray] | None = None,
+              refit_readout: bool = True, carry_products: bool = True, pin_pose: bool = True) -> bytes:
+    """Convert the step model (normalisation folded in) to a TFLite flatbuffer. int8 with
+    `readout_songs` (training songs' features, (T, F) each): then the pose read-out refitted to
+    the converted graph's own decoder running free over them (`fit_pose_readout`) and converted
+    again with it; without songs (or `refit_readout` off) the read-out keeps the float weights."""
     if mode not in QUANTIZE_MODES:
         raise ConversionError(f"quantize={mode!r}: choose one of {QUANTIZE_MODES}")
     if mode in ("int8", "int16x8") and not samples:
@@ -602,16 +651,16 @@ def to_tflite(models: KerasModels, mode: str, samples: list[dict] | None = None,
     models.pose_decode = fit_pose_decode(models, samples) if mode in ("int8", "int16x8") else None
     models.pose_readout = None
     conv = dict(fixed_input=fixed_input, tie_states=tie_states, narrow_states=narrow_states,
-                carry_products=carry_products)
+                carry_products=carry_products, pin_pose=pin_pose)
     blob = _convert(models, mode, samples, **conv)
-    if mode == "int8" and refit_readout:
-        models.pose_readout = fit_pose_readout(models, blob, readout_samples or samples)
+    if mode == "int8" and refit_readout and readout_songs:
+        models.pose_readout = fit_pose_readout(models, blob, readout_songs)
         blob = _convert(models, mode, samples, **conv)
     return blob
 
 
 def _convert(models: KerasModels, mode: str, samples, *, fixed_input: bool, tie_states: bool, narrow_states: bool,
-             carry_products: bool) -> bytes:
+             carry_products: bool, pin_pose: bool) -> bytes:
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
@@ -653,6 +702,8 @@ def _convert(models: KerasModels, mode: str, samples, *, fixed_input: bool, tie_
             blob = narrow_state_ranges(blob, sig, samples, carry_products=carry_products)
     if mode == "int8" and fixed_input:
         blob = fix_input_quantization(blob)
+    if mode == "int8" and pin_pose:
+        blob = pin_pose_output(blob, sig)
     log.info("converted %s: %d bytes", mode, len(blob))
     return bytes(blob)
 

@@ -117,29 +117,58 @@ def test_narrowed_cell_states_carry_their_product(models):
     assert any(q_prod[0] > 1.5 * q_state[0] for q_state, q_prod in grids(False).values())  # coarser without
 
 
-def test_pose_readout_refitted_to_the_int8_h(models):
-    """int8: the pose read-out's weights are refitted (least squares) from the graph's own noisy
-    decoder h, this frame's and the previous one's, to the float read-out: on those samples its
-    error is lower than the float weights' (which are one candidate of the fit: h_t alone), and
-    the graph converted again carries them; the heading's read-out is refitted from h_t."""
-    samples = cv.representative_samples(models, [cb.synthetic_features(300, F, seed=12)], n_samples=300)
-    blob0 = cv.to_tflite(models, "int8", samples, refit_readout=False)
+def test_pose_readout_refitted_to_the_int8_graph(models):
+    """int8: the pose read-out's weights are refitted (least squares) from what the graph holds
+    running free (its decoder's h this frame and the previous one, tanh of its cell state, the
+    frame's features) to the float model's read-out running free over the same songs: its error
+    is lower than the float weights' (one candidate of the fit), and the graph converted again
+    carries them; the heading's read-out is refitted from h_t."""
+    songs = [cb.synthetic_features(200, F, seed=12), cb.synthetic_features(150, F, seed=13)]
+    samples = cv.representative_samples(models, songs, n_samples=300)
+    blob0 = cv.to_tflite(models, "int8", samples)  # no songs: the float read-out weights
     assert models.pose_readout is None
-    X, Y, (W0, b0) = cv.readout_pairs(models, blob0, samples)
-    units = models.mcfg.dec_units
-    assert X.shape == (len(samples), 2 * units) and Y.shape == (len(samples), 29)  # [h_t, h_t-1]; pose, heading
-    assert W0.shape == (2 * units, 28) and not W0[units:].any()  # the float read-out: h_t only
-    fit = cv.fit_pose_readout(models, blob0, samples)
+    X, Y, (W0, b0) = cv.readout_trajectories(models, blob0, songs)
+    u = models.mcfg.dec_units
+    assert X.shape == (350, 3 * u + F) and Y.shape == (350, 29)  # [h_t, h_t-1, tanh(c_t), x]; pose, heading
+    assert W0.shape == (3 * u + F, 28) and not W0[u:].any()  # the float read-out: h_t only
+    np.testing.assert_array_equal(X[1:200, u : 2 * u], X[:199, :u])  # h_t-1 is the graph's own last h_t
+    assert not X[200, u : 2 * u].any()  # each song starts from zero states
+    assert np.abs(X[:, 2 * u : 3 * u]).max() <= 1.0 and np.allclose(X[:, 2 * u : 3 * u] * 128, np.round(X[:, 2 * u : 3 * u] * 128))
+    np.testing.assert_allclose(X[:200, 3 * u :], songs[0], atol=0.5 / 127 + 1e-6)  # the features, on the input's grid
+    fit = cv.fit_pose_readout(models, blob0, songs)
     W, b = fit["pose"]
     before, after = np.mean((X @ W0 + b0 - Y[:, :28]) ** 2), np.mean((X @ W + b - Y[:, :28]) ** 2)
     assert after < before, (after, before)
-    assert fit["heading"][0].shape == (units, 1)
-    blob1 = cv.to_tflite(models, "int8", samples)
+    assert fit["heading"][0].shape == (u, 1)
+    blob1 = cv.to_tflite(models, "int8", samples, readout_songs=songs)
     np.testing.assert_allclose(models.pose_readout["pose"][0], W, rtol=1e-3, atol=1e-5)  # the same fit, kept
-    dec = cv.folded_clone(models, models.pose_decode, models.pose_readout).get_layer("decoder")
-    np.testing.assert_allclose(dec.pose_out_head.get_weights()[0], models.pose_readout["pose"][0])
-    np.testing.assert_allclose(dec.heading_head.get_weights()[1], models.pose_readout["heading"][1])
+    clone = cv.folded_clone(models, models.pose_decode, models.pose_readout)
+    np.testing.assert_allclose(clone.get_layer("decoder").heading_head.get_weights()[1], models.pose_readout["heading"][1])
+    # the clone reads out y = W [h_t, h_t-1, tanh(c_t), x] + b from its own new states
+    feed = {i.name: samples[7][i.name].astype(np.float32) for i in clone.inputs}
+    out = {k: np.asarray(v)[0] for k, v in clone(feed, training=False).items()}
+    Wf, bf = models.pose_readout["pose"]
+    y = np.concatenate([out["dec_h_out"], feed["dec_h"][0], np.tanh(out["dec_c_out"]), feed["x"][0]]) @ Wf + bf
+    np.testing.assert_allclose(out["pose"], y, atol=1e-4)
     assert blob1 != blob0
+
+
+def test_pose_output_pinned(models, tmp_path):
+    """int8: the pose read-out leaves on [-1, 1] (scale 1/127, zero point 0), not on its
+    calibrated min/max; the heading change keeps its own calibrated grid."""
+    samples = cv.representative_samples(models, [cb.synthetic_features(200, F, seed=12)], n_samples=200)
+
+    def runner(blob):
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.tflite"
+        path.write_bytes(blob)
+        return dm.make_interpreter(path).get_signature_runner()
+
+    keys = {n: k for k, n in cv.output_names(cv.describe(cv.folded_clone(models))).items()}
+    pinned = runner(cv.to_tflite(models, "int8", samples)).get_output_details()
+    free = runner(cv.to_tflite(models, "int8", samples, pin_pose=False)).get_output_details()
+    assert pinned[keys["pose"]]["quantization"] == pytest.approx((cv.POSE_OUTPUT_SCALE, 0))
+    assert free[keys["pose"]]["quantization"] != pinned[keys["pose"]]["quantization"]  # calibrated: the tails
+    assert pinned[keys["dheading"]]["quantization"] == free[keys["dheading"]]["quantization"]
 
 
 def test_local_errors(models, song, tmp_path):

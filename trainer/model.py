@@ -205,24 +205,19 @@ def _layers():
         prev = mask * (gt_prev - mean) + (1 - mask) * own_prev."""
 
         def __init__(self, units, music_dims, feedback=True, noise_dims=0, dropout=0.0, free_running=False,
-                     pose_out=False, state_noise=0.0, **kw):
+                     state_noise=0.0, heading_apart=False, **kw):
             super().__init__(**kw)
             self.state_noise = float(state_noise)
             self.noise_seed = keras.random.SeedGenerator(1) if self.state_noise > 0 else None
             self.units, self.music_dims, self.feedback = units, music_dims, feedback
             self.free_running = free_running  # step model: input is [music, noise] only, prev = own
-            # Step model for int8 only (converter.convert.folded_clone): the pose leaves as a linear
-            # read-out of this frame's and the previous frame's h, [h_t, h_t-1] (weights set by
-            # the converter: (W h_t + b - offset) / scale per coordinate, or a fit to the int8
-            # graph's noisy h), the device applying tanh(y * scale + offset); pose and heading
-            # come out as two tensors. The fed-back pose is unchanged.
-            self.pose_out = bool(pose_out)
             self.noise_dims, self.dropout = noise_dims, dropout
+            # The converter's int8 graph: pose and heading change returned as two tensors (one
+            # would share one int8 grid, the pose's, 27x coarser than the heading change needs).
+            self.heading_apart = bool(heading_apart)
             self.lstm = layers.LSTMCell(units, name="dec_lstm")
             self.pose_head = layers.Dense(N_POSE, activation="tanh", name="dec_pose")
             self.heading_head = layers.Dense(1, name="dec_heading", kernel_initializer="zeros")
-            if self.pose_out:
-                self.pose_out_head = layers.Dense(N_POSE, name="dec_pose_out")
             self.drop = layers.Dropout(dropout) if dropout > 0 else None
             self.pose_mean = self.add_weight(shape=(N_POSE,), initializer="zeros", trainable=False, name="pose_mean")
             self.state_size = [units, units, N_POSE]
@@ -233,8 +228,6 @@ def _layers():
             self.lstm.build((None, z))
             self.pose_head.build((None, self.units))
             self.heading_head.build((None, self.units))
-            if self.pose_out:
-                self.pose_out_head.build((None, 2 * self.units))
             self.built = True
 
         def call(self, inputs, states, training=False):
@@ -263,15 +256,15 @@ def _layers():
             out, (h2, c2) = self.lstm(z, [h, c], training=training)
             pose = self.pose_head(out)
             dh = self.heading_head(out)
-            if self.pose_out:
-                y = self.pose_out_head(ops.concatenate([out, h], axis=-1))
-                return (y, dh), [h2, c2, pose - self.pose_mean]
+            if self.heading_apart:
+                return (pose, dh), [h2, c2, pose - self.pose_mean]
             return ops.concatenate([pose, dh], axis=-1), [h2, c2, pose - self.pose_mean]
 
         def get_config(self):
             return {**super().get_config(), "units": self.units, "music_dims": self.music_dims,
                     "feedback": self.feedback, "noise_dims": self.noise_dims, "dropout": self.dropout,
-                    "free_running": self.free_running, "pose_out": self.pose_out, "state_noise": self.state_noise}
+                    "free_running": self.free_running, "state_noise": self.state_noise,
+                    "heading_apart": self.heading_apart}
 
     return FeatureNorm, CausalAttention, DecoderCell
 
@@ -520,8 +513,10 @@ def build_step_model(mcfg: ModelConfig, n_features: int, pose_out: bool = False)
     """One frame in, one pose out, every state in and out (see module doc). Batch size 1.
     Inputs: x (1, F), [noise (1, N)], then the states of `step_state_specs`. Outputs (a dict):
     pose (1, 28), dheading (1, 1), then `<state>_out` for every state. With `pose_out` (the
-    converter's int8 graph, without the output stage) `pose` is the decoder's linear pose read-out
-    (DecoderCell.pose_out), not the pose."""
+    converter's int8 graph, without the output stage) `pose` is a linear read-out, layer
+    "dec_pose_out", of [h_t, h_t-1, tanh(c_t), x] (the decoder's h this frame and the previous
+    one, its cell state through the tanh the LSTM takes of it anyway, and the frame's normalised
+    features), not the pose: `converter.convert.folded_clone` sets its weights."""
     keras = _keras()
     from keras import layers
 
@@ -553,12 +548,15 @@ def build_step_model(mcfg: ModelConfig, n_features: int, pose_out: bool = False)
     if pose_out and (mcfg.smooth or mcfg.output_gain):
         raise ValueError("build_step_model(pose_out=True): only without the output stage (smooth, output_gain off)")
     cell = DecoderCell(mcfg.dec_units, music_dims, feedback=mcfg.feedback, noise_dims=mcfg.noise_dims,
-                       free_running=True, pose_out=pose_out, name="decoder")
+                       free_running=True, heading_apart=pose_out, name="decoder")
     # Without feedback the cell ignores its third state: any tensor fills the slot.
     prev = inputs["prev_pose"] if mcfg.feedback else inputs["dec_h"]
     y, (dh_, dc_, own) = cell(dec_in, [inputs["dec_h"], inputs["dec_c"], prev])
     if pose_out:
-        pose, dhead = y
+        # The fed-back pose stays the tanh head's: the read-out feeds nothing back.
+        readout_in = [dh_, inputs["dec_h"], layers.Activation("tanh", name="dec_tanh_c")(dc_), xn]
+        pose = layers.Dense(N_POSE, name="dec_pose_out")(layers.Concatenate(axis=-1, name="dec_readout_in")(readout_in))
+        dhead = y[1]
     else:
         posture = None
         if mcfg.smooth:
