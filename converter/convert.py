@@ -369,7 +369,7 @@ def readout_trajectories(models: KerasModels, blob: bytes, songs: list[np.ndarra
     extra = {NOISE_INPUT: np.zeros((1, sig.noise_dims), np.float32)} if sig.noise_dims else {}  # at zero noise
     X, Y = [], []
     for x in songs:
-        q = {a: quantize_to(np.zeros(ind[a]["shape"], np.float32), ind[a]) for a, _ in sig.states}
+        q = zero_states(sig, ind)
         f = {a: np.zeros(ind[a]["shape"], np.float32) for a, _ in sig.states}
         for t in range(len(x)):
             xt = np.asarray(x[t : t + 1], np.float32)
@@ -385,6 +385,11 @@ def readout_trajectories(models: KerasModels, blob: bytes, songs: list[np.ndarra
             Y.append(np.concatenate([np.asarray(ref[POSE_OUTPUT])[0], np.asarray(ref[HEADING_OUTPUT])[0]]))
             f = {a: np.asarray(ref[b]) for a, b in sig.states}
     return np.asarray(X, np.float64), np.asarray(Y, np.float64), step.get_layer("dec_pose_out").get_weights()
+
+
+def zero_states(sig: StepSignature, ind: dict) -> dict:
+    """A TFLite step's state inputs at the model's start (real value 0), on their grids."""
+    return {a: quantize_to(np.zeros(ind[a]["shape"], np.float32), ind[a]) for a, _ in sig.states}
 
 
 def fed_back(sig: StepSignature, keys: dict, out: dict, ind: dict, outd: dict) -> dict:

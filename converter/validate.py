@@ -136,7 +136,7 @@ def local_errors(bundle_dir, models: cv.KerasModels, x: np.ndarray) -> dict[str,
     names = cv.output_names(sig)  # signature key -> our name
     keys = {n: k for k, n in names.items()}
 
-    states = {a: cv.quantize_to(np.zeros(ind[a]["shape"], np.float32), ind[a]) for a, _ in sig.states}
+    states = cv.zero_states(sig, ind)
     sums = {n: [0.0, 0.0] for n in names.values()}
     for t in range(len(x)):
         feed = {cv.FEATURE_INPUT: cv.quantize_to(x[t : t + 1].astype(np.float32), ind[cv.FEATURE_INPUT]), **states}
