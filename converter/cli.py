@@ -211,6 +211,16 @@ def cmd_test_bundle(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return n
+
+
 def _common(p):
     p.add_argument("run", help="trained run folder (model.weights.h5, model_config.json, feature_config.json, "
                                "normalization.json), e.g. runs/<name> or models/default/keras")
@@ -219,10 +229,10 @@ def _common(p):
     p.add_argument("--cache", default=None, help="feature cache folder (default: the run's cache_dir)")
     p.add_argument("--check-frames", type=int, default=0,
                    help="frames of the first held-out song for the step == sequence check (default 0: all)")
-    p.add_argument("--samples", type=int, default=500, help="calibration samples for int8/int16x8 (default 500)")
-    p.add_argument("--calib-frames", type=int, default=600,
+    p.add_argument("--samples", type=_positive_int, default=500, help="calibration samples for int8/int16x8 (default 500)")
+    p.add_argument("--calib-frames", type=_positive_int, default=600,
                    help="frames per training song the calibration run steps through (default 600)")
-    p.add_argument("--readout-frames", type=int, default=1500,
+    p.add_argument("--readout-frames", type=_positive_int, default=1500,
                    help="frames per training song the int8 pose read-out is refitted on, the int8 graph and "
                         "the float model each running free (default 1500)")
 

@@ -426,6 +426,9 @@ def fit_pose_readout(models: KerasModels, blob: bytes, songs: list[np.ndarray], 
     fit from h_t (it is integrated on the device, so its bias is what turns the figure).
     Returns {"pose": (W (3 units + F, 28), b), "heading": (W (units, 1), b)}."""
     X, Y, (W0, b0) = readout_trajectories(models, blob, songs)
+    if len(X) <= X.shape[1]:
+        raise ConversionError(f"fit_pose_readout: {len(X)} frames in {len(songs)} songs, fewer than the read-out's "
+                              f"{X.shape[1]} inputs: give it more (training songs, --readout-frames)")
     units = models.mcfg.dec_units
     pose, heading = _least_squares(X, Y[:, :28], ridge), _least_squares(X[:, :units], Y[:, 28:], ridge)
     log.info("pose read-out refitted to the int8 graph over %d frames of %d songs run free: error %.3g -> %.3g "

@@ -135,6 +135,8 @@ def test_pose_readout_refitted_to_the_int8_graph(models):
     assert not X[200, u : 2 * u].any()  # each song starts from zero states
     assert np.abs(X[:, 2 * u : 3 * u]).max() <= 1.0 and np.allclose(X[:, 2 * u : 3 * u] * 128, np.round(X[:, 2 * u : 3 * u] * 128))
     np.testing.assert_allclose(X[:200, 3 * u :], songs[0], atol=0.5 / 127 + 1e-6)  # the features, on the input's grid
+    with pytest.raises(cv.ConversionError, match="fewer than the read-out's .* inputs"):
+        cv.fit_pose_readout(models, blob0, [songs[0][:20]])  # under-determined: a clear error, not a singular solve
     fit = cv.fit_pose_readout(models, blob0, songs)
     W, b = fit["pose"]
     before, after = np.mean((X @ W0 + b0 - Y[:, :28]) ** 2), np.mean((X @ W + b - Y[:, :28]) ** 2)

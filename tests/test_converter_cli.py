@@ -70,6 +70,16 @@ def test_convert_errors(tmp_path, capsys):
     assert "not a trained run" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--readout-frames", "--samples", "--calib-frames"])
+@pytest.mark.parametrize("value", ["0", "-5", "many"])
+def test_counts_must_be_positive(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        converter_main(["convert", str(tmp_path / "run"), "--out", str(tmp_path / "b"), flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and "at least 1" in err and repr(value) in err
+
+
 def test_help():
     with pytest.raises(SystemExit) as e:
         converter_main(["--help"])
