@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "against the float step model fed the same inputs")
     _common(p)
     p.add_argument("--bundle", required=True, help="bundle folder converted from RUN")
-    p.add_argument("--frames", type=int, default=1000, help="frames of the first held-out song (default 1000)")
+    p.add_argument("--frames", type=_positive_int, default=1000, help="frames of the first held-out song (default 1000)")
     p.set_defaults(fn=cmd_diagnose)
 
     p = sub.add_parser("test-bundle", help="a small real bundle with random weights, for tests")

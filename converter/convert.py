@@ -367,6 +367,7 @@ def readout_trajectories(models: KerasModels, blob: bytes, songs: list[np.ndarra
     ind, outd = runner.get_input_details(), runner.get_output_details()
     fn = tf.function(lambda feed: step(feed, training=False), reduce_retracing=True)
     extra = {NOISE_INPUT: np.zeros((1, sig.noise_dims), np.float32)} if sig.noise_dims else {}  # at zero noise
+    extra_q = {k: quantize_to(v, ind[k]) for k, v in extra.items()}
     X, Y = [], []
     for x in songs:
         q = zero_states(sig, ind)
@@ -374,7 +375,7 @@ def readout_trajectories(models: KerasModels, blob: bytes, songs: list[np.ndarra
         for t in range(len(x)):
             xt = np.asarray(x[t : t + 1], np.float32)
             xq = quantize_to(xt, ind[FEATURE_INPUT])
-            out = runner(**{FEATURE_INPUT: xq, **q, **{k: quantize_to(v, ind[k]) for k, v in extra.items()}})
+            out = runner(**{FEATURE_INPUT: xq, **q, **extra_q})
             c = dequantize(out[keys["dec_c_out"]], outd[keys["dec_c_out"]])[0]
             X.append(np.concatenate([dequantize(out[keys["dec_h_out"]], outd[keys["dec_h_out"]])[0],
                                      dequantize(q["dec_h"], ind["dec_h"])[0],

@@ -137,11 +137,13 @@ def local_errors(bundle_dir, models: cv.KerasModels, x: np.ndarray) -> dict[str,
     keys = {n: k for k, n in names.items()}
 
     states = cv.zero_states(sig, ind)
+    # a model with a noise input: diagnosed at zero noise
+    noise = {cv.NOISE_INPUT: cv.quantize_to(np.zeros((1, sig.noise_dims), np.float32), ind[cv.NOISE_INPUT])} \
+        if sig.noise_dims else {}
     sums = {n: [0.0, 0.0] for n in names.values()}
     for t in range(len(x)):
-        feed = {cv.FEATURE_INPUT: cv.quantize_to(x[t : t + 1].astype(np.float32), ind[cv.FEATURE_INPUT]), **states}
-        if sig.noise_dims:  # a model with a noise input: diagnosed at zero noise
-            feed[cv.NOISE_INPUT] = cv.quantize_to(np.zeros((1, sig.noise_dims), np.float32), ind[cv.NOISE_INPUT])
+        feed = {cv.FEATURE_INPUT: cv.quantize_to(x[t : t + 1].astype(np.float32), ind[cv.FEATURE_INPUT]), **states,
+                **noise}
         out = runner(**feed)
         ref = fn({k: cv.dequantize(v, ind[k]) for k, v in feed.items()})
         for key, name in names.items():

@@ -78,6 +78,11 @@ def test_counts_must_be_positive(tmp_path, capsys, flag, value):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert flag in err and "at least 1" in err and repr(value) in err
+    with pytest.raises(SystemExit) as e:  # diagnose's own count too
+        converter_main(["diagnose", str(tmp_path / "run"), "--bundle", str(tmp_path / "b"), "--frames", value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--frames" in err and "at least 1" in err and repr(value) in err
 
 
 def test_help():
