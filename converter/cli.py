@@ -153,7 +153,9 @@ def report_markdown(args, models, val, kf, rows, details, diff, n_samples) -> st
         f"{n_samples} calibration samples from the training songs. Step == sequence in float: max abs diff "
         f"{diff:.1e}. Keras float on the same songs: pose MSE {kf['mean']['mse']:.5f}, BAS {kf['mean']['bas']:.4f}. "
         f"Latency: `StreamingModel.step`, LiteRT, 1 thread, {os.cpu_count()} cores shared with other jobs "
-        f"(load average {os.getloadavg()[0]:.1f} at the end): the p99 column mostly measures that load.",
+        f"(load average {os.getloadavg()[0]:.1f} at the end): the p99 column mostly measures that load. "
+        "BAS - Keras: the mean of the song-by-song differences ± its standard error; two variants "
+        "within about two of these are not told apart by these songs.",
         "",
         validate.markdown_table(rows),
         "",

@@ -222,14 +222,28 @@ def keras_float_metrics(dances, ref) -> dict:
     return {"songs": per, "mean": {k: float(np.mean([p[k] for p in per])) for k in ("mse", "bas", "frames")}}
 
 
+def paired_standard_error(a: list[float], b: list[float]) -> float | None:
+    """The standard error of mean(a - b), song by song (None below two songs). Over a handful of
+    songs BAS differences are noisy: a variant's change means little within about two of these."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_standard_error: {len(a)} against {len(b)} values")
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    return float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) >= 2 else None
+
+
 def summarize(variant: str, size: int, float_size: int | None, lat: dict, res: dict, kf: dict) -> dict:
     """One row: the figures the targets talk about."""
     m, k = res["mean"], kf["mean"]
+    by_song = {p["dance"]: p["bas"] for p in kf["songs"]}
+    missing = [p["dance"] for p in res["songs"] if p["dance"] not in by_song]
+    if missing:
+        raise ValueError(f"summarize: no Keras figures for the songs {missing}")
+    bas_se = paired_standard_error([p["bas"] for p in res["songs"]], [by_song[p["dance"]] for p in res["songs"]])
     return {"variant": variant, "size_bytes": size,
             "size_ratio": (size / float_size) if float_size else None,
             "step_median_ms": lat["median_ms"], "step_p99_ms": lat["p99_ms"],
             "mse": m["mse"], "mse_keras": k["mse"], "mse_rel": m["mse"] / k["mse"] - 1.0,
-            "bas": m["bas"], "bas_keras": k["bas"], "bas_diff": m["bas"] - k["bas"],
+            "bas": m["bas"], "bas_keras": k["bas"], "bas_diff": m["bas"] - k["bas"], "bas_diff_se": bas_se,
             "max_abs_err": m["max_abs_err"], "mean_abs_err": m["mean_abs_err"],
             "err_first_fifth": m["err_first_fifth"], "err_last_fifth": m["err_last_fifth"],
             "heading_err_end_deg": m["heading_err_end_deg"]}
@@ -241,9 +255,10 @@ def markdown_table(rows: list[dict]) -> str:
     lines = [head, "|" + " --- |" * 13]
     for r in rows:
         ratio = f"{100 * r['size_ratio']:.0f}%" if r["size_ratio"] is not None else "-"
+        se = f" ± {r['bas_diff_se']:.4f}" if r.get("bas_diff_se") is not None else ""
         lines.append(
             f"| {r['variant']} | {r['size_bytes'] / 1024:.0f} KiB | {ratio} | {1000 * r['step_median_ms']:.0f} µs "
             f"| {1000 * r['step_p99_ms']:.0f} µs | {r['mse']:.5f} | {100 * r['mse_rel']:+.2f}% | {r['bas']:.4f} "
-            f"| {r['bas_diff']:+.4f} | {r['max_abs_err']:.4f} | {r['mean_abs_err']:.5f} "
+            f"| {r['bas_diff']:+.4f}{se} | {r['max_abs_err']:.4f} | {r['mean_abs_err']:.5f} "
             f"| {r['err_first_fifth']:.5f} / {r['err_last_fifth']:.5f} | {r['heading_err_end_deg']:.1f}° |")
     return "\n".join(lines)

@@ -198,3 +198,27 @@ def test_int8_needs_samples(models):
 def test_unknown_mode(models):
     with pytest.raises(cv.ConversionError, match="choose one of"):
         cv.to_tflite(models, "int4")
+
+
+def test_bas_difference_carries_its_standard_error():
+    """The report's BAS - Keras comes with the standard error of the song-by-song differences."""
+    from converter import validate
+
+    se = validate.paired_standard_error([0.7, 0.6, 0.5], [0.6, 0.4, 0.2])  # differences 0.1, 0.2, 0.3
+    assert se == pytest.approx(0.1 / np.sqrt(3))
+    assert validate.paired_standard_error([0.7], [0.6]) is None  # one song: no spread to measure
+    with pytest.raises(ValueError, match="3 against 2"):
+        validate.paired_standard_error([0.7, 0.6, 0.5], [0.6, 0.4])
+
+    songs = [{"dance": n, "bas": b, "mse": 0.01, "max_abs_err": 0.1, "mean_abs_err": 0.01, "err_first_fifth": 0.01,
+              "err_last_fifth": 0.01, "heading_err_end_deg": 1.0} for n, b in (("A", 0.7), ("B", 0.6), ("C", 0.5))]
+    res = {"songs": songs, "mean": {k: float(np.mean([s_[k] for s_ in songs])) for k in songs[0] if k != "dance"}}
+    # The Keras figures in another order: paired by song, not by position.
+    kf = {"songs": [{"dance": "C", "bas": 0.2}, {"dance": "A", "bas": 0.6}, {"dance": "B", "bas": 0.4}],
+          "mean": {"mse": 0.01, "bas": 0.4}}
+    row = validate.summarize("int8", 1000, 4000, {"median_ms": 0.02, "p99_ms": 0.04}, res, kf)
+    assert row["bas_diff"] == pytest.approx(0.2) and row["bas_diff_se"] == pytest.approx(0.1 / np.sqrt(3))
+    assert "+0.2000 ± 0.0577" in validate.markdown_table([row])
+    with pytest.raises(ValueError, match=r"no Keras figures for the songs \['C'\]"):
+        validate.summarize("int8", 1000, 4000, {"median_ms": 0.02, "p99_ms": 0.04}, res,
+                           {"songs": kf["songs"][1:], "mean": kf["mean"]})
