@@ -85,7 +85,9 @@ def build_manifest(blob_path: pathlib.Path, models: cv.KerasModels, mode: str, *
         "pose_post": models.smoothing,
         "inputs": _tensor_entries(runner.get_input_details(), in_roles, in_names),
         "outputs": _tensor_entries(runner.get_output_details(), out_roles, out_names),
-        "states": [{"input": a, "output": b, "shape": list(sig.input(a).shape), "init": "zeros (real value 0)"}
+        "states": [{"input": a, "output": b, "shape": list(sig.input(a).shape), "init": "zeros (real value 0)",
+                    **({"unit_scale": models.dec_c_scale, "note": "holds k * c, the LSTM's cell state c times unit_scale k"}
+                       if a == "dec_c" and models.dec_c_scale is not None else {})}
                    for a, b in sig.states],
         "model_config": models.mcfg.to_dict(),
         "training": training or {},

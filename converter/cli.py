@@ -119,6 +119,7 @@ def cmd_report(args) -> int:
     variants.append(("int8, Keras read-out weights", "int8", {"refit_readout": False}))  # the read-out refit's
     variants.append(("int8, f*c not carried", "int8", {"carry_products": False}))  # f * c on its min/max grid
     variants.append(("int8, pose output calibrated", "int8", {"pin_pose": False}))  # y on its min/max grid
+    variants.append(("int8, cell state not scaled", "int8", {"scale_cell": False}))  # one grid for all units
     for label, mode, kw in variants:
         blob = cv.to_tflite(models, mode, samples if mode in ("int8", "int16x8") else None, readout_songs=songs,
                             **{k: v for k, v in kw.items() if k != "keep_output_stage"})

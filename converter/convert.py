@@ -141,6 +141,8 @@ class KerasModels:
     smoothing: dict | None = None  # the pose tail run on the device (trainer.model.output_stage_params)
     pose_decode: dict | None = None  # the pose read-out of the last to_tflite (fit_pose_decode; None = identity)
     pose_readout: dict | None = None  # its weights refitted to the int8 graph's own decoder (fit_pose_readout)
+    dec_c_scale: list | None = None  # the int8 graph's per-unit scale of the decoder's cell state (cell_state_scale)
+    dec_tanh_range: float | None = None  # the int8 range of that cell state on its way into tanh (unscaled)
     _graph_sig: StepSignature | None = dataclasses.field(default=None, repr=False)
 
     def graph_signature(self) -> StepSignature:
@@ -182,7 +184,7 @@ class KerasStepper:
 
         self.models = models
         self.sig = models.graph_signature() if folded else models.signature
-        step = folded_clone(models, models.pose_decode, models.pose_readout) if folded else models.step
+        step = folded_clone(models, models.pose_decode, models.pose_readout, models.dec_c_scale) if folded else models.step
         sm = models.smoothing if folded else None
         dc = (models.pose_decode or {"offset": [0.0] * 28, "scale": [1.0] * 28}) if folded else None
         self._decode = None if dc is None else (np.asarray(dc["scale"], np.float32), np.asarray(dc["offset"], np.float32))
@@ -270,7 +272,8 @@ def representative_samples(models: KerasModels, songs: list[np.ndarray], n_sampl
 # TFLite
 
 
-def folded_clone(models: KerasModels, pose_decode: dict | None = None, readout: dict | None = None):
+def folded_clone(models: KerasModels, pose_decode: dict | None = None, readout: dict | None = None,
+                 c_scale=None):
     """A copy of the step model with feat_norm folded into the LSTMs (feat_norm = identity) and
     without the pose tail (low-pass, gain, posture, their states): the device runs it in float
     (module doc), so the graph ends at the decoder. Its pose leaves as the linear read-out
@@ -281,11 +284,12 @@ def folded_clone(models: KerasModels, pose_decode: dict | None = None, readout: 
     takes [h_t, h_t-1, tanh(c_t), x] (the previous frame's h is a state input anyway, tanh(c_t)
     the LSTM computes anyway, x the frame's features): weight 0 on all but h_t here, or
     `readout` {"pose": (W (3 units + F, 28), b), "heading": (W (units, 1), b)} from
-    `fit_pose_readout`."""
+    `fit_pose_readout`. `c_scale` (dec_units,): the decoder's cell state held per unit scaled,
+    dec_c = k c (`cell_state_scale`); the same function of the inputs and the other states."""
     from trainer import model as tm
 
     mcfg = dataclasses.replace(models.mcfg, smooth=False, output_gain=False)
-    clone = tm.build_step_model(mcfg, models.signature.n_features, pose_out=True)
+    clone = tm.build_step_model(mcfg, models.signature.n_features, pose_out=True, dec_c_scale=c_scale)
     tm.copy_weights(models.step, clone, strict=False)  # by name: the tail's layers are not in the clone
     n = models.signature.n_features
     clone.get_layer("feat_norm").set_weights([np.zeros(n, np.float32), np.ones(n, np.float32)])
@@ -368,6 +372,10 @@ def readout_trajectories(models: KerasModels, blob: bytes, songs: list[np.ndarra
     fn = tf.function(lambda feed: step(feed, training=False), reduce_retracing=True)
     extra = {NOISE_INPUT: np.zeros((1, sig.noise_dims), np.float32)} if sig.noise_dims else {}  # at zero noise
     extra_q = {k: quantize_to(v, ind[k]) for k, v in extra.items()}
+    if models.dec_c_scale is None:  # tanh reads the state on its own grid
+        inv_k, tanh_step = 1.0, None
+    else:  # tanh reads c = dec_c / k on its own grid (pin_cell_state)
+        inv_k, tanh_step = 1.0 / np.asarray(models.dec_c_scale, np.float64), 2.0 * models.dec_tanh_range / 255.0
     X, Y = [], []
     for x in songs:
         q = zero_states(sig, ind)
@@ -376,7 +384,9 @@ def readout_trajectories(models: KerasModels, blob: bytes, songs: list[np.ndarra
             xt = np.asarray(x[t : t + 1], np.float32)
             xq = quantize_to(xt, ind[FEATURE_INPUT])
             out = runner(**{FEATURE_INPUT: xq, **q, **extra_q})
-            c = dequantize(out[keys["dec_c_out"]], outd[keys["dec_c_out"]])[0]
+            c = dequantize(out[keys["dec_c_out"]], outd[keys["dec_c_out"]])[0] * inv_k
+            if tanh_step is not None:
+                c = np.clip(np.round(c / tanh_step), -128, 127) * tanh_step
             X.append(np.concatenate([dequantize(out[keys["dec_h_out"]], outd[keys["dec_h_out"]])[0],
                                      dequantize(q["dec_h"], ind["dec_h"])[0],
                                      np.clip(np.round(np.tanh(c) * 128), -128, 127) / 128,
@@ -593,6 +603,11 @@ STATE_RANGE_PERCENTILE = 99.0
 STATE_RANGE_MIN_GAIN = 1.2
 
 
+def state_percentile(samples: list[dict], state: str, pct: float) -> float:
+    """The pct-th percentile of |value| of one state over the calibration samples, all units."""
+    return float(np.percentile(np.abs(np.concatenate([np.ravel(s_[state]) for s_ in samples])), pct))
+
+
 def _carried_products(model, i_idx: int, o_idx: int, consumers: dict, producers: dict) -> list[int]:
     """The products that carry a state into its own update: for an LSTM cell state, f * c in
     c' = f * c + i * g (an ADD whose operand is a MUL that reads the state input), when read by
@@ -629,7 +644,7 @@ def narrow_state_ranges(blob: bytes, sig: StepSignature, samples: list[dict], pc
             lo_c = (-128 - q.zeroPoint[0]) * q.scale[0]
             hi_c = (127 - q.zeroPoint[0]) * q.scale[0]
             p_a = (pct_by_state or {}).get(a, pct)
-            r = float(np.percentile(np.abs(np.concatenate([s_[a].ravel() for s_ in samples])), p_a))
+            r = state_percentile(samples, a, p_a)
             lo, hi = max(lo_c, -r), min(hi_c, r)
             if r <= 0 or (hi_c - lo_c) < min_gain * (hi - lo):
                 continue
@@ -644,13 +659,87 @@ def narrow_state_ranges(blob: bytes, sig: StepSignature, samples: list[dict], pc
     return _retune_quantization(blob, plan)
 
 
+# The decoder's cell state held per unit scaled in the int8 graph (DecoderCell.c_scale): dec_c = k c
+# on the grid [-1, 1]. Unscaled, the shipped model's units reach 0.16 to 6 (median 0.40) over the
+# training songs and share one grid, +-r (r = 1.81, the 99th percentile of |c|, as
+# `narrow_state_ranges` sets it): a step of 0.014, some 60 of 256 steps for the median unit.
+# Rounding that state alone, in the float model, costs BAS 0.015 on the held-out songs, half its
+# step none (docs/results/quantization.md, session 6). k = 1 / (CELL_HEADROOM x min(reach, r /
+# CELL_HEADROOM)): a unit that reaches less than r / 1.5 gets a grid 1.5x its reach (the median
+# unit 0.0047, 3x finer; the headroom for songs that drive it further than the training songs
+# did); a wider one keeps the unscaled grid and clips where it did (scaled to its reach instead,
+# the widest got 5x coarser grids and the output more jitter).
+CELL_HEADROOM = 1.5
+CELL_SCALE_FLOOR = 1e-2  # a unit that barely moves (|c| below this) is scaled as if it reached it
+
+
+def cell_state_reach(models: KerasModels, songs: list[np.ndarray], state: str = "dec_c") -> np.ndarray:
+    """Each unit's largest |c| with the float step model running over the songs, every frame.
+    (The calibration samples, a frame in 30, miss the peaks: 44 of the shipped model's 128 units
+    reach more than 1.5x their largest sampled value somewhere in the training songs.)"""
+    stepper = KerasStepper(models)
+    reach = np.zeros(np.shape(stepper.states[state])[-1])
+    for x in songs:
+        stepper.reset()
+        for t in range(x.shape[0]):
+            stepper.step(x[t])
+            reach = np.maximum(reach, np.abs(stepper.states[state][0]))
+    return reach
+
+
+def cell_state_scale(reach: np.ndarray, r: float, headroom: float = CELL_HEADROOM) -> list[float]:
+    """k per unit: 1 / (headroom x min(reach, r / headroom)), the reach floored at
+    CELL_SCALE_FLOOR: [-1, 1] spans headroom x the unit's reach, or at most +-r."""
+    reach = np.clip(np.asarray(reach, np.float64), CELL_SCALE_FLOOR, r / headroom)
+    return [float(v) for v in 1.0 / (headroom * reach)]
+
+
+def scaled_samples(samples: list[dict] | None, c_scale, state: str = "dec_c") -> list[dict] | None:
+    """Calibration samples for the graph with the scaled cell state (dec_c = k c); as they are
+    without a scale."""
+    if c_scale is None or not samples:
+        return samples
+    k = np.asarray(c_scale, np.float32)
+    return [{**s_, state: (np.asarray(s_[state], np.float32) * k).astype(np.float32)} for s_ in samples]
+
+
+def pin_cell_state(blob: bytes, sig: StepSignature, tanh_range: float, state: str = "dec_c") -> bytes:
+    """The scaled cell state's grids: the state (input and output), the product that carries it
+    (f c') and the one that feeds it ((i g) diag(k), the FULLY_CONNECTED into the ADD) on [-1, 1],
+    so the ADD sums integers of one grid and rounds nothing; the FULLY_CONNECTED diag(1/k) that
+    takes it back to c for tanh on [-tanh_range, tanh_range]. Calibrated on min/max the state's
+    range would end at the calibration's largest value, and the fed product's at its widest
+    unit's (several times the state's step)."""
+    key = {name: key for key, name in output_names(sig).items()}[state + STATE_OUT_SUFFIX]
+
+    def plan(model, sg, inputs, outputs):
+        i_idx, o_idx = inputs[state], outputs[key]
+        consumers, producers = _consumers(model, sg), _producers(model, sg)
+        add = producers.get(o_idx)
+        fcs = [int(op.outputs[0]) for op in sg.operators
+               if _op_name(model, op) == "FULLY_CONNECTED" and o_idx in map(int, op.inputs)]
+        fed = [t for t in map(int, add.inputs) if (p := producers.get(t)) is not None
+               and _op_name(model, p) == "FULLY_CONNECTED"] if add is not None and _op_name(model, add) == "ADD" else []
+        if len(fcs) != 1 or consumers.get(fcs[0], set()) != {"TANH"} or len(fed) != 1:
+            raise ConversionError(f"pin_cell_state: {state} is not the scaled cell state c' = f c' + (i g) diag(k) "
+                                  "read by tanh(c' diag(1/k)) (DecoderCell.c_scale)")
+        grid = (2.0 / 255.0, 0)
+        plan_ = {t: grid for t in [i_idx, o_idx, fed[0], *_carried_products(model, i_idx, o_idx, consumers, producers)]}
+        plan_[fcs[0]] = (2.0 * tanh_range / 255.0, 0)
+        return plan_
+    return _retune_quantization(blob, plan)
+
+
 def to_tflite(models: KerasModels, mode: str, samples: list[dict] | None = None, fixed_input: bool = True,
               tie_states: bool = True, narrow_states: bool = True, readout_songs: list[np.ndarray] | None = None,
-              refit_readout: bool = True, carry_products: bool = True, pin_pose: bool = True) -> bytes:
+              refit_readout: bool = True, carry_products: bool = True, pin_pose: bool = True,
+              scale_cell: bool = True) -> bytes:
     """Convert the step model (normalisation folded in) to a TFLite flatbuffer. int8 with
     `readout_songs` (training songs' features, (T, F) each): then the pose read-out refitted to
     the converted graph's own decoder running free over them (`fit_pose_readout`) and converted
-    again with it; without songs (or `refit_readout` off) the read-out keeps the float weights."""
+    again with it; without songs (or `refit_readout` off) the read-out keeps the float weights.
+    int8 with `scale_cell` (and `tie_states`: the scaled state is pinned, input and output on one
+    grid): the decoder's cell state held per unit scaled (`cell_state_scale`)."""
     if mode not in QUANTIZE_MODES:
         raise ConversionError(f"quantize={mode!r}: choose one of {QUANTIZE_MODES}")
     if mode in ("int8", "int16x8") and not samples:
@@ -659,6 +748,15 @@ def to_tflite(models: KerasModels, mode: str, samples: list[dict] | None = None,
     # Kept on `models` for the bundle written next (write_bundle puts it in the manifest).
     models.pose_decode = fit_pose_decode(models, samples) if mode in ("int8", "int16x8") else None
     models.pose_readout = None
+    models.dec_c_scale = models.dec_tanh_range = None
+    if mode == "int8" and scale_cell and tie_states and models.mcfg.kind == "ours":  # pinned, so tied
+        # each unit's reach over the read-out songs, every frame (else over the samples)
+        reach = (cell_state_reach(models, readout_songs) if readout_songs else
+                 np.abs(np.concatenate([np.reshape(s_["dec_c"], (-1, np.shape(s_["dec_c"])[-1])) for s_ in samples])).max(0))
+        # r: c = dec_c / k on its way into tanh keeps the unscaled state's grid (tanh is flat past
+        # it; only tanh reads it, so its rounding does not accumulate)
+        models.dec_tanh_range = state_percentile(samples, "dec_c", STATE_RANGE_PERCENTILE)
+        models.dec_c_scale = cell_state_scale(reach, models.dec_tanh_range)
     conv = dict(fixed_input=fixed_input, tie_states=tie_states, narrow_states=narrow_states,
                 carry_products=carry_products, pin_pose=pin_pose)
     blob = _convert(models, mode, samples, **conv)
@@ -673,7 +771,8 @@ def _convert(models: KerasModels, mode: str, samples, *, fixed_input: bool, tie_
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    step = folded_clone(models, models.pose_decode, models.pose_readout)
+    step = folded_clone(models, models.pose_decode, models.pose_readout, models.dec_c_scale)
+    samples = scaled_samples(samples, models.dec_c_scale)
     sig = describe(step)
     in_names = [s.name for s in sig.inputs]
     out_names = [s.name for s in sig.outputs]
@@ -709,6 +808,8 @@ def _convert(models: KerasModels, mode: str, samples, *, fixed_input: bool, tie_
         blob = tie_state_quantization(blob, sig)
         if mode == "int8" and narrow_states:
             blob = narrow_state_ranges(blob, sig, samples, carry_products=carry_products)
+    if mode == "int8" and models.dec_c_scale is not None:  # its units span [-1, 1] by construction
+        blob = pin_cell_state(blob, sig, models.dec_tanh_range)
     if mode == "int8" and fixed_input:
         blob = fix_input_quantization(blob)
     if mode == "int8" and pin_pose:

@@ -128,7 +128,8 @@ def local_errors(bundle_dir, models: cv.KerasModels, x: np.ndarray) -> dict[str,
 
     b = load_bundle(bundle_dir)
     decode = b.manifest.get("pose_decode")
-    step = cv.folded_clone(models, decode)
+    scale = next((s_.get("unit_scale") for s_ in b.manifest["states"] if s_["input"] == "dec_c"), None)
+    step = cv.folded_clone(models, decode, c_scale=scale)
     fn = tf.function(lambda feed: step(feed, training=False), reduce_retracing=True)
     runner = make_interpreter(b.model_path).get_signature_runner()
     ind, outd = runner.get_input_details(), runner.get_output_details()

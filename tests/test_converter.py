@@ -222,3 +222,67 @@ def test_bas_difference_carries_its_standard_error():
     with pytest.raises(ValueError, match=r"no Keras figures for the songs \['C'\]"):
         validate.summarize("int8", 1000, 4000, {"median_ms": 0.02, "p99_ms": 0.04}, res,
                            {"songs": kf["songs"][1:], "mean": kf["mean"]})
+
+
+def test_cell_state_scale():
+    """k per unit: [-1, 1] spans 1.5x the unit's reach, at most the unscaled grid's +-r, and a
+    unit that barely moves is scaled as if it reached CELL_SCALE_FLOOR."""
+    k = cv.cell_state_scale(np.array([0.0, 0.5, 5.0]), r=1.8)
+    np.testing.assert_allclose(k, [1 / (cv.CELL_HEADROOM * cv.CELL_SCALE_FLOOR), 1 / (cv.CELL_HEADROOM * 0.5), 1 / 1.8])
+
+
+def test_scaled_cell_state(models, song, tmp_path):
+    """int8: the decoder's cell state is held per unit scaled, dec_c = k c. In float the scaled
+    clone is the same function (its dec_c k times the other's); the int8 graph holds the state,
+    and the products that carry and feed it, on [-1, 1], and the way back into tanh on +-r; the
+    manifest records k; without `scale_cell` nothing is scaled."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    songs = [cb.synthetic_features(200, F, seed=12)]
+    samples = cv.representative_samples(models, songs, n_samples=100)
+    blob = cv.to_tflite(models, "int8", samples, readout_songs=songs)
+    k, r = np.asarray(models.dec_c_scale), models.dec_tanh_range
+    assert k.shape == (models.mcfg.dec_units,) and (k > 0).all() and r > 0
+    reach = cv.cell_state_reach(models, songs)
+    np.testing.assert_allclose(k, cv.cell_state_scale(reach, r))
+
+    plain, scaled = cv.folded_clone(models), cv.folded_clone(models, c_scale=k)
+    states_p = {i.name: np.zeros(i.shape, np.float32) for i in plain.inputs if i.name != "x"}
+    states_s = dict(states_p)
+    for t in range(30):
+        op = {n: np.asarray(v) for n, v in plain({**states_p, "x": song[t : t + 1]}, training=False).items()}
+        os_ = {n: np.asarray(v) for n, v in scaled({**states_s, "x": song[t : t + 1]}, training=False).items()}
+        np.testing.assert_allclose(os_["pose"], op["pose"], atol=1e-5)
+        np.testing.assert_allclose(os_["dec_c_out"], op["dec_c_out"] * k, atol=1e-5)
+        states_p = {n: op[n + "_out"] for n in states_p}
+        states_s = {n: os_[n + "_out"] for n in states_s}
+
+    m = schema.ModelT.InitFromPackedBuf(bytearray(blob), 0)
+    sg = m.subgraphs[0]
+    keys = {n: k_ for k_, n in cv.output_names(models.graph_signature()).items()}
+    i_idx = {t.name.decode(): t.tensorIndex for t in m.signatureDefs[0].inputs}["dec_c"]
+    o_idx = {t.name.decode(): t.tensorIndex for t in m.signatureDefs[0].outputs}[keys["dec_c_out"]]
+    q = lambda i: (sg.tensors[i].quantization.scale[0], sg.tensors[i].quantization.zeroPoint[0])
+    add = cv._producers(m, sg)[o_idx]
+    assert q(i_idx) == q(o_idx) == pytest.approx((2 / 255, 0))
+    assert all(q(int(t)) == pytest.approx((2 / 255, 0)) for t in add.inputs)  # f c' and (i g) diag(k): one grid
+    back = [int(op.outputs[0]) for op in sg.operators if o_idx in map(int, op.inputs) and cv._op_name(m, op) == "FULLY_CONNECTED"]
+    assert len(back) == 1 and q(back[0]) == pytest.approx((2 * r / 255, 0))
+
+    b = dm.load_bundle(cb.write_bundle(tmp_path / "scaled", blob, models, "int8"))
+    entry = next(s_ for s_ in b.manifest["states"] if s_["input"] == "dec_c")
+    np.testing.assert_allclose(entry["unit_scale"], k)
+
+    from trainer import model as tm
+
+    with pytest.raises(ValueError, match=f"c_scale needs {models.mcfg.dec_units} positive values"):
+        tm.build_step_model(models.mcfg, F, dec_c_scale=[1.0, 2.0])
+    with pytest.raises(ValueError, match="positive"):
+        tm.build_step_model(models.mcfg, F, dec_c_scale=[0.0] * models.mcfg.dec_units)
+
+    plain_blob = cv.to_tflite(models, "int8", samples, scale_cell=False)
+    assert models.dec_c_scale is None and models.dec_tanh_range is None
+    with pytest.raises(cv.ConversionError, match="not the scaled cell state"):
+        cv.pin_cell_state(plain_blob, models.graph_signature(), 1.0)
+    b = dm.load_bundle(cb.write_bundle(tmp_path / "plain", plain_blob, models, "int8"))
+    assert "unit_scale" not in next(s_ for s_ in b.manifest["states"] if s_["input"] == "dec_c")

@@ -205,7 +205,7 @@ def _layers():
         prev = mask * (gt_prev - mean) + (1 - mask) * own_prev."""
 
         def __init__(self, units, music_dims, feedback=True, noise_dims=0, dropout=0.0, free_running=False,
-                     state_noise=0.0, heading_apart=False, **kw):
+                     state_noise=0.0, heading_apart=False, c_scale=None, **kw):
             super().__init__(**kw)
             self.state_noise = float(state_noise)
             self.noise_seed = keras.random.SeedGenerator(1) if self.state_noise > 0 else None
@@ -215,6 +215,16 @@ def _layers():
             # The converter's int8 graph: pose and heading change returned as two tensors (one
             # would share one int8 grid, the pose's, 27x coarser than the heading change needs).
             self.heading_apart = bool(heading_apart)
+            # The converter's int8 graph: the cell state held per unit scaled, c' = k c, so one
+            # int8 grid fits units of very different ranges (converter.convert.cell_state_scale).
+            # c' = f c' + (i g) diag(k), h = o tanh(c' diag(1/k)); the diagonals are fully
+            # connected layers, whose int8 weights are per unit, so k is exact.
+            self.c_scale = None if c_scale is None else [float(v) for v in c_scale]
+            if self.c_scale is not None:
+                if len(self.c_scale) != units or min(self.c_scale) <= 0:
+                    raise ValueError(f"DecoderCell: c_scale needs {units} positive values")
+                k = np.asarray(self.c_scale, np.float32)
+                self._c_up, self._c_down = np.diag(k), np.diag(1.0 / k).astype(np.float32)
             self.lstm = layers.LSTMCell(units, name="dec_lstm")
             self.pose_head = layers.Dense(N_POSE, activation="tanh", name="dec_pose")
             self.heading_head = layers.Dense(1, name="dec_heading", kernel_initializer="zeros")
@@ -253,18 +263,28 @@ def _layers():
             z = ops.concatenate(parts, axis=-1) if len(parts) > 1 else music
             if self.drop is not None:
                 z = self.drop(z, training=training)
-            out, (h2, c2) = self.lstm(z, [h, c], training=training)
+            if self.c_scale is None:
+                out, (h2, c2) = self.lstm(z, [h, c], training=training)
+                tanh_c = None
+            else:  # Keras' LSTMCell written out (gates i, f, g, o; sigmoid, tanh) with c' = k c
+                lstm = self.lstm
+                zz = ops.matmul(z, lstm.kernel) + ops.matmul(h, lstm.recurrent_kernel) + lstm.bias
+                zi, zf, zg, zo = ops.split(zz, 4, axis=-1)
+                c2 = ops.sigmoid(zf) * c + ops.matmul(ops.sigmoid(zi) * ops.tanh(zg), self._c_up)
+                tanh_c = ops.tanh(ops.matmul(c2, self._c_down))
+                out = h2 = ops.sigmoid(zo) * tanh_c
             pose = self.pose_head(out)
             dh = self.heading_head(out)
             if self.heading_apart:
-                return (pose, dh), [h2, c2, pose - self.pose_mean]
+                heads = (pose, dh) if tanh_c is None else (pose, dh, tanh_c)
+                return heads, [h2, c2, pose - self.pose_mean]
             return ops.concatenate([pose, dh], axis=-1), [h2, c2, pose - self.pose_mean]
 
         def get_config(self):
             return {**super().get_config(), "units": self.units, "music_dims": self.music_dims,
                     "feedback": self.feedback, "noise_dims": self.noise_dims, "dropout": self.dropout,
                     "free_running": self.free_running, "state_noise": self.state_noise,
-                    "heading_apart": self.heading_apart}
+                    "heading_apart": self.heading_apart, "c_scale": self.c_scale}
 
     return FeatureNorm, CausalAttention, DecoderCell
 
@@ -509,14 +529,16 @@ def step_state_specs(mcfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     return specs
 
 
-def build_step_model(mcfg: ModelConfig, n_features: int, pose_out: bool = False):
+def build_step_model(mcfg: ModelConfig, n_features: int, pose_out: bool = False, dec_c_scale=None):
     """One frame in, one pose out, every state in and out (see module doc). Batch size 1.
     Inputs: x (1, F), [noise (1, N)], then the states of `step_state_specs`. Outputs (a dict):
     pose (1, 28), dheading (1, 1), then `<state>_out` for every state. With `pose_out` (the
     converter's int8 graph, without the output stage) `pose` is a linear read-out, layer
     "dec_pose_out", of [h_t, h_t-1, tanh(c_t), x] (the decoder's h this frame and the previous
     one, its cell state through the tanh the LSTM takes of it anyway, and the frame's normalised
-    features), not the pose: `converter.convert.folded_clone` sets its weights."""
+    features), not the pose: `converter.convert.folded_clone` sets its weights. `dec_c_scale`
+    (dec_units,): the decoder's cell state held per unit scaled, dec_c = k c (DecoderCell.c_scale;
+    the converter's int8 graph)."""
     keras = _keras()
     from keras import layers
 
@@ -548,13 +570,14 @@ def build_step_model(mcfg: ModelConfig, n_features: int, pose_out: bool = False)
     if pose_out and (mcfg.smooth or mcfg.output_gain):
         raise ValueError("build_step_model(pose_out=True): only without the output stage (smooth, output_gain off)")
     cell = DecoderCell(mcfg.dec_units, music_dims, feedback=mcfg.feedback, noise_dims=mcfg.noise_dims,
-                       free_running=True, heading_apart=pose_out, name="decoder")
+                       free_running=True, heading_apart=pose_out, c_scale=dec_c_scale, name="decoder")
     # Without feedback the cell ignores its third state: any tensor fills the slot.
     prev = inputs["prev_pose"] if mcfg.feedback else inputs["dec_h"]
     y, (dh_, dc_, own) = cell(dec_in, [inputs["dec_h"], inputs["dec_c"], prev])
     if pose_out:
         # The fed-back pose stays the tanh head's: the read-out feeds nothing back.
-        readout_in = [dh_, inputs["dec_h"], layers.Activation("tanh", name="dec_tanh_c")(dc_), xn]
+        tanh_c = y[2] if len(y) == 3 else layers.Activation("tanh", name="dec_tanh_c")(dc_)
+        readout_in = [dh_, inputs["dec_h"], tanh_c, xn]
         pose = layers.Dense(N_POSE, name="dec_pose_out")(layers.Concatenate(axis=-1, name="dec_readout_in")(readout_in))
         dhead = y[1]
     else:
